@@ -1,0 +1,347 @@
+//! Loading a kernel and describing the machine to it.
+//!
+//! Two entry protocols:
+//! - **PVH** for ELF kernels that carry a `XEN_ELFNOTE_PHYS32_ENTRY` note
+//!   (Linux `vmlinux` built with CONFIG_PVH, and remora's test guest): the
+//!   vCPU starts in 32-bit protected mode with paging off and `ebx` pointing
+//!   to an `hvm_start_info`.
+//! - **64-bit Linux boot protocol** for a bzImage: the vCPU starts in long
+//!   mode on identity-mapped page tables with `rsi` pointing to the zero page.
+
+pub mod regs;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{KernelLoader, KernelLoaderResult};
+use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::layout::*;
+use crate::memory::{e820_map, E820Entry};
+
+/// PVH `hvm_start_info.magic`.
+pub const PVH_MAGIC: u32 = 0x336e_c578;
+/// Linux boot protocol: `type_of_loader` "undefined" (0xff).
+const LOADER_TYPE: u8 = 0xff;
+/// `boot_flag` and `header` magic values of the setup header.
+const BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const HDRS_MAGIC: u32 = 0x5372_6448;
+/// Minimum boot protocol version with a 64-bit entry point and `xloadflags`.
+const MIN_64BIT_BOOT_PROTOCOL: u16 = 0x020c;
+/// `xloadflags`: the kernel has the 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// `loadflags` bits we set: the kernel is loaded high and may use the heap.
+const LOADED_HIGH: u8 = 0x01;
+const CAN_USE_HEAP: u8 = 0x80;
+/// Maximum number of e820 entries in the zero page.
+const E820_MAX: usize = 128;
+
+/// How the vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryMode {
+    /// PVH: 32-bit protected mode, paging off, `ebx` = start_info.
+    Pvh,
+    /// 64-bit Linux boot protocol: long mode, `rsi` = zero page.
+    Linux64,
+}
+
+/// Where the boot CPU starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootEntry {
+    pub mode: EntryMode,
+    pub entry_addr: u64,
+    /// `ebx` (PVH start_info) or `rsi` (zero page).
+    pub boot_info_addr: u64,
+}
+
+/// Errors loading a kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open kernel {path}: {source}")]
+    OpenKernel { path: PathBuf, source: std::io::Error },
+    #[error("cannot open initrd {path}: {source}")]
+    OpenInitrd { path: PathBuf, source: std::io::Error },
+    #[error("kernel {path} is neither an ELF with a PVH entry note nor a bzImage")]
+    UnknownKernelFormat { path: PathBuf },
+    #[error("kernel {path} is an ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); boot a bzImage, or a vmlinux built with CONFIG_PVH=y")]
+    ElfWithoutPvh { path: PathBuf },
+    #[error("kernel {path} is malformed or does not fit in guest memory: {detail}")]
+    Load { path: PathBuf, detail: String },
+    #[error("bzImage {path} uses boot protocol {version:#06x}; remora needs >= 2.12 with a 64-bit entry point")]
+    OldBzImage { path: PathBuf, version: u16 },
+    #[error("initrd {path} is {size} bytes, which does not fit in the {avail} bytes of guest memory above the kernel; raise --mem")]
+    InitrdTooLarge { path: PathBuf, size: u64, avail: u64 },
+    #[error("kernel command line is {len} bytes; the limit is {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("cannot write boot data into guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+}
+
+/// What to boot.
+pub struct BootSpec<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub mem_bytes: u64,
+    pub rsdp_addr: u64,
+}
+
+/// The kernel formats remora recognizes, from the file's first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Detects the kernel format from its header.
+pub fn detect_format(file: &mut File, path: &Path) -> Result<Option<KernelFormat>, BootError> {
+    let mut head = [0u8; 0x206];
+    let read_err = |source| BootError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let mut n = 0;
+    while n < head.len() {
+        let got = file.read(&mut head[n..]).map_err(read_err)?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(Some(KernelFormat::Elf));
+    }
+    if n >= 0x206 && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == HDRS_MAGIC {
+        return Ok(Some(KernelFormat::BzImage));
+    }
+    Ok(None)
+}
+
+/// Loads the kernel, initrd and command line and writes the boot data
+/// (PVH start_info or Linux zero page) into guest memory.
+pub fn load_kernel(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootError> {
+    let path = spec.kernel;
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let load_err = |e: linux_loader::loader::Error| BootError::Load {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let cmdline_len = write_cmdline(mem, spec.cmdline)?;
+    match detect_format(&mut file, path)? {
+        Some(KernelFormat::Elf) => {
+            let res = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let entry = match res.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => addr.raw_value(),
+                _ => {
+                    return Err(BootError::ElfWithoutPvh {
+                        path: path.to_path_buf(),
+                    })
+                }
+            };
+            let initrd = load_initrd(mem, spec, res.kernel_end, u64::MAX)?;
+            write_pvh_info(mem, spec, initrd, cmdline_len)?;
+            Ok(BootEntry {
+                mode: EntryMode::Pvh,
+                entry_addr: entry,
+                boot_info_addr: PVH_INFO_START,
+            })
+        }
+        Some(KernelFormat::BzImage) => {
+            let res = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let hdr = res.setup_header.ok_or_else(|| BootError::Load {
+                path: path.to_path_buf(),
+                detail: "no setup header".into(),
+            })?;
+            let version = hdr.version;
+            let xloadflags = hdr.xloadflags;
+            if version < MIN_64BIT_BOOT_PROTOCOL || xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::OldBzImage {
+                    path: path.to_path_buf(),
+                    version,
+                });
+            }
+            let initrd_max = u64::from(hdr.initrd_addr_max);
+            let initrd = load_initrd(mem, spec, res.kernel_end, initrd_max)?;
+            write_zero_page(mem, spec, &res, initrd, cmdline_len)?;
+            Ok(BootEntry {
+                mode: EntryMode::Linux64,
+                entry_addr: res.kernel_load.raw_value() + 0x200,
+                boot_info_addr: ZERO_PAGE_START,
+            })
+        }
+        None => Err(BootError::UnknownKernelFormat {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// Writes the NUL-terminated command line; returns its length with the NUL.
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(BootError::CmdlineNul);
+    }
+    let len = cmdline.len() + 1;
+    if len > CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX_SIZE - 1,
+        });
+    }
+    mem.write_slice(cmdline.as_bytes(), GuestAddress(CMDLINE_START))?;
+    mem.write_obj(0u8, GuestAddress(CMDLINE_START + cmdline.len() as u64))?;
+    Ok(len)
+}
+
+/// Loaded initrd: guest address and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Initrd {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Places the initrd page-aligned at the top of low RAM (below `max_addr`,
+/// the kernel's `initrd_addr_max`), above the kernel.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    kernel_end: u64,
+    max_addr: u64,
+) -> Result<Option<Initrd>, BootError> {
+    let Some(path) = spec.initrd else {
+        return Ok(None);
+    };
+    let mut file = File::open(path).map_err(|source| BootError::OpenInitrd {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| BootError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let top = spec.mem_bytes.min(MMIO_GAP_START).min(max_addr.saturating_add(1));
+    let floor = kernel_end.max(HIMEM_START);
+    let addr = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= floor);
+    let Some(addr) = addr else {
+        return Err(BootError::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size,
+            avail: top.saturating_sub(floor),
+        });
+    };
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(BootError::GuestMemory)?;
+    Ok(Some(Initrd { addr, size }))
+}
+
+/// The PVH start_info, module list and memory map.
+pub fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    initrd: Option<Initrd>,
+    _cmdline_len: usize,
+) -> Result<(), BootError> {
+    let map = e820_map(spec.mem_bytes);
+    let mut info = hvm_start_info {
+        magic: PVH_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: spec.rsdp_addr,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some(rd) = initrd {
+        let module = hvm_modlist_entry {
+            paddr: rd.addr,
+            size: rd.size,
+            ..Default::default()
+        };
+        mem.write_obj(module, GuestAddress(PVH_MODLIST_START))?;
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_START;
+    }
+    for (i, e) in map.iter().enumerate() {
+        let entry = hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind as u32,
+            reserved: 0,
+        };
+        let at = PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        mem.write_obj(entry, GuestAddress(at))?;
+    }
+    mem.write_obj(info, GuestAddress(PVH_INFO_START))?;
+    Ok(())
+}
+
+/// The Linux zero page: setup header from the bzImage plus what the loader
+/// fills in (command line, initrd, e820, RSDP).
+pub fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    res: &KernelLoaderResult,
+    initrd: Option<Initrd>,
+    cmdline_len: usize,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(hdr) = res.setup_header {
+        params.hdr = hdr;
+    }
+    params.hdr.type_of_loader = LOADER_TYPE;
+    params.hdr.boot_flag = BOOT_FLAG_MAGIC;
+    params.hdr.header = HDRS_MAGIC;
+    params.hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP;
+    params.hdr.heap_end_ptr = 0xfe00;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.code32_start = res.kernel_load.raw_value() as u32;
+    if let Some(rd) = initrd {
+        params.hdr.ramdisk_image = rd.addr as u32;
+        params.hdr.ramdisk_size = rd.size as u32;
+        params.ext_ramdisk_image = (rd.addr >> 32) as u32;
+        params.ext_ramdisk_size = (rd.size >> 32) as u32;
+    }
+    params.acpi_rsdp_addr = spec.rsdp_addr;
+    let map: Vec<E820Entry> = e820_map(spec.mem_bytes);
+    for (i, e) in map.iter().take(E820_MAX).enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind as u32,
+        };
+    }
+    params.e820_entries = map.len().min(E820_MAX) as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))?;
+    Ok(())
+}
+
+/// Reads back the `hvm_start_info` (used by tests and diagnostics).
+pub fn read_pvh_info(mem: &GuestMemoryMmap) -> Result<hvm_start_info, vm_memory::GuestMemoryError> {
+    mem.read_obj(GuestAddress(PVH_INFO_START))
+}
+
+/// Reads back the zero page (used by tests and diagnostics).
+pub fn read_zero_page(mem: &GuestMemoryMmap) -> Result<boot_params, vm_memory::GuestMemoryError> {
+    mem.read_obj(GuestAddress(ZERO_PAGE_START))
+}
+
+/// Checks that guest memory holds `addr..addr+len`.
+pub fn in_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> bool {
+    mem.checked_offset(GuestAddress(addr), len.saturating_sub(1)).is_some()
+}

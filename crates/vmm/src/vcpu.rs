@@ -1,0 +1,203 @@
+//! vCPU set-up and the per-vCPU run loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_msr_entry, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::boot::regs;
+use crate::boot::BootEntry;
+use crate::devices::{EventSender, PioBus};
+use crate::diag;
+use crate::{VmError, VmEvent};
+
+/// Why a vCPU stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuFault {
+    /// KVM_EXIT_SHUTDOWN: the guest triple-faulted.
+    TripleFault { rip: u64 },
+    /// KVM_EXIT_INTERNAL_ERROR.
+    Internal {
+        suberror: u32,
+        rip: u64,
+        cpl: u8,
+        bytes: Vec<u8>,
+        data: Vec<u64>,
+    },
+    /// KVM_EXIT_FAIL_ENTRY.
+    FailEntry { reason: u64 },
+    /// An exit remora does not handle, or a failing KVM_RUN.
+    Unexpected(String),
+}
+
+impl std::fmt::Display for VcpuFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuFault::TripleFault { rip } => write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"),
+            VcpuFault::Internal {
+                suberror,
+                rip,
+                cpl,
+                bytes,
+                data,
+            } => {
+                let what = match suberror {
+                    1 => "emulation failure",
+                    2 => "simultaneous exceptions",
+                    3 => "delivery event failure",
+                    _ => "internal error",
+                };
+                write!(
+                    f,
+                    "KVM internal error: {what} (suberror {suberror}) at RIP {rip:#x} (CPL {cpl}), instruction bytes: {}",
+                    if bytes.is_empty() { "unreadable".to_string() } else { diag::hex_bytes(bytes) }
+                )?;
+                if !data.is_empty() {
+                    write!(f, ", data: {data:x?}")?;
+                }
+                Ok(())
+            }
+            VcpuFault::FailEntry { reason } => {
+                write!(
+                    f,
+                    "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x})"
+                )
+            }
+            VcpuFault::Unexpected(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// One vCPU, configured and ready to run.
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+}
+
+/// Sets a vCPU's CPUID, MSRs, LAPIC LINT pins and (for the boot CPU) its
+/// registers. APs wait for INIT/SIPI in the in-kernel LAPIC.
+pub fn configure(vcpu: &mut Vcpu, cpuid: &CpuId, mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(), VmError> {
+    let fd = &vcpu.fd;
+    fd.set_cpuid2(cpuid).map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+    let entries: Vec<kvm_msr_entry> = regs::boot_msrs()
+        .into_iter()
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|e| VmError::Setup(format!("MSR list: {e:?}")))?;
+    let n = fd.set_msrs(&msrs).map_err(VmError::kvm("KVM_SET_MSRS"))?;
+    if n != entries.len() {
+        tracing::warn!("KVM accepted {n} of {} boot MSRs", entries.len());
+    }
+    set_lint(fd)?;
+    if vcpu.index == 0 {
+        let base = fd.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
+        let sregs = regs::boot_sregs(mem, entry.mode, &base).map_err(|e| VmError::Setup(e.to_string()))?;
+        fd.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&regs::boot_regs(entry))
+            .map_err(VmError::kvm("KVM_SET_REGS"))?;
+        fd.set_fpu(&regs::boot_fpu()).map_err(VmError::kvm("KVM_SET_FPU"))?;
+    }
+    Ok(())
+}
+
+/// LINT0 = ExtINT (the 8259's output), LINT1 = NMI, as firmware would.
+fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 7;
+    const MODE_NMI: u32 = 4;
+    let mut lapic = fd.get_lapic().map_err(VmError::kvm("KVM_GET_LAPIC"))?;
+    for (off, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        let mut raw = [0u8; 4];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = lapic.regs[off + i] as u8;
+        }
+        let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *b as _;
+        }
+    }
+    fd.set_lapic(&lapic).map_err(VmError::kvm("KVM_SET_LAPIC"))?;
+    Ok(())
+}
+
+/// Runs a vCPU until the VM stops (`stop` set and the thread kicked) or the
+/// vCPU faults; faults are reported on `events`.
+pub fn run_loop(mut vcpu: Vcpu, mem: GuestMemoryMmap, bus: PioBus, stop: Arc<AtomicBool>, events: EventSender) {
+    let index = vcpu.index;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let fault = match vcpu.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !bus.write(port, data) {
+                    tracing::trace!(vcpu = index, port, "write to unclaimed port");
+                }
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.read(port, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                tracing::trace!(vcpu = index, addr, "read from unclaimed MMIO");
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                tracing::trace!(vcpu = index, addr, "write to unclaimed MMIO");
+                None
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(VcpuExit::Shutdown) => {
+                let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                Some(VcpuFault::TripleFault { rip })
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                use crate::devices::DeviceEvent;
+                let ev = match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => DeviceEvent::Reset,
+                    _ => DeviceEvent::PowerOff,
+                };
+                let _ = events.send(VmEvent::Device(ev));
+                None
+            }
+            Ok(VcpuExit::InternalError) => Some(internal_error(&mut vcpu.fd, &mem)),
+            Ok(VcpuExit::FailEntry(reason, _)) => Some(VcpuFault::FailEntry { reason }),
+            Ok(other) => Some(VcpuFault::Unexpected(format!("unhandled vCPU exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VcpuFault::Unexpected(format!("KVM_RUN failed: {e}"))),
+        };
+        if let Some(fault) = fault {
+            let _ = events.send(VmEvent::VcpuFault { index, fault });
+            return;
+        }
+    }
+}
+
+fn internal_error(fd: &mut VcpuFd, mem: &GuestMemoryMmap) -> VcpuFault {
+    let run = fd.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which the
+    // kernel fills the `internal` member of the kvm_run union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let ndata = (internal.ndata as usize).min(internal.data.len());
+    let data = internal.data[..ndata].to_vec();
+    let (rip, cpl, bytes) = match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => (r.rip, s.cs.dpl, diag::instruction_bytes(mem, &s, r.rip)),
+        _ => (0, 0, Vec::new()),
+    };
+    VcpuFault::Internal {
+        suberror: internal.suberror,
+        rip,
+        cpl,
+        bytes,
+        data,
+    }
+}

@@ -1,0 +1,165 @@
+//! `remora`: run a KVM microVM (and, as the project grows, replicate it).
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use remora_vmm::{VmConfig, VmEvent, VmExit, Vmm};
+
+#[derive(Parser)]
+#[command(
+    name = "remora",
+    version,
+    about = "A KVM hypervisor for highly available virtual machines",
+    long_about = "remora runs KVM microVMs. `remora run` boots a kernel (a PVH ELF such as a Linux vmlinux \
+or remora's test guest, or a bzImage) with ACPI, SMP and a serial console on stdout.\n\n\
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=remora_vmm=debug) for more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a microVM and attach its serial console to this terminal.
+    ///
+    /// The VM ends when the guest powers off or reboots (exit status 0), when
+    /// it crashes (triple fault, KVM emulation failure: non-zero, with the
+    /// cause), or on SIGINT/SIGTERM (exit status 0 after a clean stop).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel: an ELF with a PVH entry note (vmlinux, remora-guest) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk, placed at the top of low memory.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Number of vCPUs (1 to what KVM allows, at most 254).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory in MiB (at least 16).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    mem: u64,
+    /// Hide CPU features from the guest, comma separated, e.g. `cx16,xsave`
+    /// (hiding xsave also hides AVX and the other features that need it).
+    /// Names follow /proc/cpuinfo; an unknown name is an error that lists
+    /// the known ones.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cpu_hide: Vec<String>,
+    /// The KVM device.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
+    kvm: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("remora: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Blocks the stop signals in this thread (and so in every thread spawned
+/// after it) and delivers them to `tx` from a dedicated thread.
+fn forward_stop_signals(tx: std::sync::mpsc::Sender<VmEvent>) -> anyhow::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialize it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only
+    // write to it and to this thread's signal mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    anyhow::ensure!(rc == 0, "cannot block stop signals: error {rc}");
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is initialized above; sigwait writes the signal number to `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            let name = match sig {
+                libc::SIGINT => "SIGINT",
+                libc::SIGTERM => "SIGTERM",
+                _ => "SIGHUP",
+            };
+            if tx.send(VmEvent::Stop(format!("stopped by {name}"))).is_err() {
+                return;
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        vcpus: args.vcpus,
+        mem_mib: args.mem,
+        cpu_hide: args.cpu_hide,
+        kvm_path: args.kvm,
+        console: Box::new(std::io::stdout()),
+    };
+    let vmm = Vmm::new(config)?;
+    forward_stop_signals(vmm.event_sender())?;
+    if std::io::stdin().is_terminal() {
+        let serial = vmm.serial();
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                let mut stdin = std::io::stdin();
+                while let Ok(n) = stdin.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    let mut rest = &buf[..n];
+                    while !rest.is_empty() {
+                        let taken = remora_vmm::devices::lock(&serial).enqueue_input(rest);
+                        rest = &rest[taken..];
+                        if taken == 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                    }
+                }
+            })
+            .context("cannot start the console input thread")?;
+    }
+    let exit = vmm.run()?;
+    match &exit {
+        VmExit::PowerOff => eprintln!("remora: guest powered off"),
+        VmExit::Reset => eprintln!("remora: guest reset; the VM ends (remora does not reboot guests)"),
+        VmExit::Stopped(why) => eprintln!("remora: {why}"),
+        VmExit::Fault { vcpu, fault } => eprintln!("remora: error: vCPU {vcpu}: {fault}"),
+    }
+    Ok(if exit.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
