@@ -345,3 +345,290 @@ pub fn read_zero_page(mem: &GuestMemoryMmap) -> Result<boot_params, vm_memory::G
 pub fn in_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> bool {
     mem.checked_offset(GuestAddress(addr), len.saturating_sub(1)).is_some()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 with one PT_LOAD at 1 MiB and a PVH entry note.
+    pub(crate) fn pvh_elf(entry: u32, with_note: bool) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1010];
+        let phnum: u16 = if with_note { 2 } else { 1 };
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little endian
+        f[6] = 1; // version
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[56..58].copy_from_slice(&phnum.to_le_bytes());
+        f[58..60].copy_from_slice(&64u16.to_le_bytes());
+        let ph = |f: &mut Vec<u8>, at: usize, ty: u32, off: u64, addr: u64, size: u64, align: u64| {
+            f[at..at + 4].copy_from_slice(&ty.to_le_bytes());
+            f[at + 4..at + 8].copy_from_slice(&5u32.to_le_bytes());
+            for (i, v) in [off, addr, addr, size, size, align].iter().enumerate() {
+                f[at + 8 + 8 * i..at + 16 + 8 * i].copy_from_slice(&v.to_le_bytes());
+            }
+        };
+        ph(&mut f, 64, 1, 0x1000, 0x10_0000, 0x10, 0x1000);
+        if with_note {
+            let note_off = 0x200;
+            ph(&mut f, 120, 4, note_off as u64, 0, 20, 4);
+            let mut note = Vec::new();
+            note.extend_from_slice(&4u32.to_le_bytes());
+            note.extend_from_slice(&4u32.to_le_bytes());
+            note.extend_from_slice(&18u32.to_le_bytes());
+            note.extend_from_slice(b"Xen\0");
+            note.extend_from_slice(&entry.to_le_bytes());
+            f[note_off..note_off + 20].copy_from_slice(&note);
+        }
+        f[0x1000..0x1010].copy_from_slice(&[0xf4; 16]);
+        f
+    }
+
+    /// A minimal bzImage: 4 setup sectors, protocol 2.15, 64-bit entry.
+    pub(crate) fn bzimage(version: u16, xloadflags: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 5 * 512 + 0x2000];
+        f[0x1f1] = 4; // setup_sects
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(b"HdrS");
+        f[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        f[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        f[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        f[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
+        f
+    }
+
+    fn file_with(bytes: &[u8]) -> tempfile_like::TempPath {
+        tempfile_like::TempPath::new(bytes)
+    }
+
+    /// Just enough of a temporary file for these tests (no extra crate).
+    mod tempfile_like {
+        use std::path::{Path, PathBuf};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        pub struct TempPath(PathBuf);
+        static N: AtomicU32 = AtomicU32::new(0);
+        impl TempPath {
+            pub fn new(bytes: &[u8]) -> Self {
+                let p = std::env::temp_dir().join(format!(
+                    "remora-boot-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&p, bytes).unwrap();
+                TempPath(p)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn guest(mib: u64) -> GuestMemoryMmap {
+        crate::memory::create_guest_memory(mib).unwrap()
+    }
+
+    fn read_cstr(mem: &GuestMemoryMmap, addr: u64) -> String {
+        let mut out = Vec::new();
+        for i in 0.. {
+            let b: u8 = mem.read_obj(GuestAddress(addr + i)).unwrap();
+            if b == 0 {
+                break;
+            }
+            out.push(b);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn pvh_start_info_memmap_cmdline_and_initrd() {
+        let k = file_with(&pvh_elf(0x10_0000, true));
+        let rd = file_with(&[0x5a; 10000]);
+        let mem = guest(64);
+        let e = load_kernel(
+            &mem,
+            &BootSpec {
+                kernel: k.path(),
+                initrd: Some(rd.path()),
+                cmdline: "console=ttyS0 workload=info",
+                mem_bytes: 64 << 20,
+                rsdp_addr: ACPI_START,
+            },
+        )
+        .unwrap();
+        assert_eq!(e.mode, EntryMode::Pvh);
+        assert_eq!(e.entry_addr, 0x10_0000);
+        assert_eq!(e.boot_info_addr, PVH_INFO_START);
+        let info = read_pvh_info(&mem).unwrap();
+        assert_eq!(info.magic, PVH_MAGIC);
+        assert_eq!(info.version, 1);
+        assert_eq!(info.rsdp_paddr, ACPI_START);
+        assert_eq!(read_cstr(&mem, info.cmdline_paddr), "console=ttyS0 workload=info");
+        // Memory map: exactly the e820 map, RAM summing to 64 MiB minus the hole.
+        assert_eq!(info.memmap_entries, 3);
+        let mut ram = 0;
+        for i in 0..info.memmap_entries as u64 {
+            let ent: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr + i * 24)).unwrap();
+            if ent.type_ == 1 {
+                ram += ent.size;
+            }
+        }
+        assert_eq!(ram, (64 << 20) - (HIMEM_START - EBDA_START));
+        // Initrd: one module, page aligned, at the top of RAM, with our bytes.
+        assert_eq!(info.nr_modules, 1);
+        let m: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!(m.size, 10000);
+        assert_eq!(m.paddr % 4096, 0);
+        assert!(m.paddr + m.size <= 64 << 20 && m.paddr + m.size > (64 << 20) - 4096);
+        let b: u8 = mem.read_obj(GuestAddress(m.paddr + 9999)).unwrap();
+        assert_eq!(b, 0x5a);
+        // The loaded segment.
+        let code: u8 = mem.read_obj(GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(code, 0xf4);
+    }
+
+    #[test]
+    fn bzimage_zero_page() {
+        let k = file_with(&bzimage(0x020f, XLF_KERNEL_64));
+        let rd = file_with(&[1u8; 8192]);
+        let mem = guest(128);
+        let e = load_kernel(
+            &mem,
+            &BootSpec {
+                kernel: k.path(),
+                initrd: Some(rd.path()),
+                cmdline: "console=ttyS0 root=/dev/vda",
+                mem_bytes: 128 << 20,
+                rsdp_addr: ACPI_START,
+            },
+        )
+        .unwrap();
+        assert_eq!(e.mode, EntryMode::Linux64);
+        assert_eq!(e.entry_addr, 0x10_0200, "64-bit entry is load address + 0x200");
+        assert_eq!(e.boot_info_addr, ZERO_PAGE_START);
+        let zp = read_zero_page(&mem).unwrap();
+        let hdr = zp.hdr;
+        assert_eq!({ hdr.type_of_loader }, 0xff);
+        assert_eq!({ hdr.boot_flag }, 0xaa55);
+        assert_eq!({ hdr.header }, HDRS_MAGIC);
+        assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_START);
+        assert_eq!({ hdr.cmdline_size } as usize, "console=ttyS0 root=/dev/vda".len() + 1);
+        assert_eq!(read_cstr(&mem, CMDLINE_START), "console=ttyS0 root=/dev/vda");
+        assert_ne!(hdr.loadflags & LOADED_HIGH, 0);
+        assert_eq!({ zp.acpi_rsdp_addr }, ACPI_START);
+        assert_eq!(zp.e820_entries, 3);
+        let e820 = zp.e820_table;
+        assert_eq!(
+            ({ e820[0].addr }, { e820[0].size }, { e820[0].r#type }),
+            (0, EBDA_START, 1)
+        );
+        assert_eq!({ e820[1].r#type }, 2);
+        assert_eq!({ e820[2].addr } + { e820[2].size }, 128 << 20);
+        let (rd_addr, rd_size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
+        assert_eq!(rd_size, 8192);
+        assert_eq!(rd_addr % 4096, 0);
+        assert!(rd_addr + rd_size <= 128 << 20);
+        assert!(rd_addr + rd_size <= u64::from(hdr.initrd_addr_max) + 1);
+    }
+
+    #[test]
+    fn initrd_respects_initrd_addr_max() {
+        let mut img = bzimage(0x020f, XLF_KERNEL_64);
+        img[0x22c..0x230].copy_from_slice(&0x00ff_ffffu32.to_le_bytes()); // 16 MiB
+        let k = file_with(&img);
+        let rd = file_with(&[1u8; 4096]);
+        let mem = guest(64);
+        load_kernel(
+            &mem,
+            &BootSpec {
+                kernel: k.path(),
+                initrd: Some(rd.path()),
+                cmdline: "",
+                mem_bytes: 64 << 20,
+                rsdp_addr: 0,
+            },
+        )
+        .unwrap();
+        let zp = read_zero_page(&mem).unwrap();
+        let hdr = zp.hdr;
+        assert!(u64::from(hdr.ramdisk_image) + 4096 <= 0x100_0000);
+    }
+
+    #[test]
+    fn bad_kernels_and_initrds_are_clear_errors() {
+        let mem = guest(16);
+        fn spec(k: &Path) -> BootSpec<'_> {
+            BootSpec {
+                kernel: k,
+                initrd: None,
+                cmdline: "",
+                mem_bytes: 16 << 20,
+                rsdp_addr: 0,
+            }
+        }
+        let missing = Path::new("/nonexistent/remora-kernel");
+        assert!(matches!(
+            load_kernel(&mem, &spec(missing)),
+            Err(BootError::OpenKernel { .. })
+        ));
+
+        let junk = file_with(b"this is not a kernel at all");
+        assert!(matches!(
+            load_kernel(&mem, &spec(junk.path())),
+            Err(BootError::UnknownKernelFormat { .. })
+        ));
+
+        let no_note = file_with(&pvh_elf(0, false));
+        assert!(matches!(
+            load_kernel(&mem, &spec(no_note.path())),
+            Err(BootError::ElfWithoutPvh { .. })
+        ));
+
+        let old = file_with(&bzimage(0x0206, 0));
+        assert!(matches!(
+            load_kernel(&mem, &spec(old.path())),
+            Err(BootError::OldBzImage { .. })
+        ));
+
+        let k = file_with(&pvh_elf(0x10_0000, true));
+        let big = file_with(&vec![0u8; 17 << 20]);
+        let r = load_kernel(
+            &mem,
+            &BootSpec {
+                kernel: k.path(),
+                initrd: Some(big.path()),
+                cmdline: "",
+                mem_bytes: 16 << 20,
+                rsdp_addr: 0,
+            },
+        );
+        let err = r.unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("raise --mem"));
+
+        let long = "x".repeat(CMDLINE_MAX_SIZE);
+        let r = load_kernel(
+            &mem,
+            &BootSpec {
+                kernel: k.path(),
+                initrd: None,
+                cmdline: &long,
+                mem_bytes: 16 << 20,
+                rsdp_addr: 0,
+            },
+        );
+        assert!(matches!(r, Err(BootError::CmdlineTooLong { .. })));
+    }
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs a benchmark: scripts/bench.sh boot
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+case "${1:-}" in
+    boot) cargo build --release --quiet && cargo bench --quiet --bench boot ;;
+    *) echo "usage: scripts/bench.sh boot" >&2; exit 2 ;;
+esac

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what remora's build, demo, tests and benchmarks need on Debian 12
+# (run as root). Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have cc || need_pkgs+=(gcc libc6-dev)
+have objdump || need_pkgs+=(binutils)
+have qemu-system-x86_64 || need_pkgs+=(qemu-system-x86)
+have ip || need_pkgs+=(iproute2)
+have unshare || need_pkgs+=(util-linux)
+have setpriv || need_pkgs+=(util-linux)
+have dpkg-deb || need_pkgs+=(dpkg)
+have curl || need_pkgs+=(curl ca-certificates)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    echo "remora: installing ${need_pkgs[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+# apt-get download (used by the Linux tests) needs package lists.
+if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
+    apt-get update -qq
+fi
+
+if ! have cargo && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! have cargo; then
+    echo "remora: installing the Rust toolchain (rustup, stable)" >&2
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "remora: installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest
+fi

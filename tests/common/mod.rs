@@ -1,0 +1,224 @@
+//! Helpers shared by the end-to-end tests: locating binaries, running
+//! `remora` with a timeout while timestamping its console lines.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `remora` binary under test.
+pub fn remora_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_remora"))
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+/// The release test guest; the README's test command builds it first.
+pub fn guest_bin() -> PathBuf {
+    let p = target_dir().join("release/remora-guest");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release` (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test (never skips it) when KVM cannot be used.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("these tests need a usable /dev/kvm (run as root on a KVM host): {e}");
+    }
+}
+
+/// A finished `remora` run.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    /// Console lines with the time since spawn at which each arrived.
+    pub lines: Vec<(Duration, String)>,
+    pub stderr: String,
+    /// Time from spawn to process exit.
+    pub elapsed: Duration,
+    pub timed_out: bool,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        self.lines.iter().map(|(_, l)| format!("{l}\n")).collect()
+    }
+
+    /// The first console line containing `needle`, with its arrival time.
+    pub fn line(&self, needle: &str) -> Option<(Duration, &str)> {
+        self.lines
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, l)| (*t, l.as_str()))
+    }
+
+    /// Panics with the whole output if `cond` is false.
+    pub fn check(&self, cond: bool, what: &str) {
+        assert!(
+            cond,
+            "{what}\n--- status: {:?} (timed out: {}) after {:?}\n--- stdout:\n{}--- stderr:\n{}",
+            self.status,
+            self.timed_out,
+            self.elapsed,
+            self.stdout(),
+            self.stderr
+        );
+    }
+
+    /// The lines remora itself wrote to stderr that are not log lines.
+    pub fn error_lines(&self) -> Vec<&str> {
+        self.stderr.lines().filter(|l| l.starts_with("remora: error")).collect()
+    }
+}
+
+/// Spawned `remora` whose output is being collected.
+pub struct Running {
+    pub child: Child,
+    start: Instant,
+    lines_rx: mpsc::Receiver<(Duration, String)>,
+    lines: Vec<(Duration, String)>,
+    stderr_thread: Option<std::thread::JoinHandle<String>>,
+}
+
+/// Starts `remora ARGS`.
+pub fn spawn_remora(args: &[&str]) -> Running {
+    spawn(Command::new(remora_bin()).args(args))
+}
+
+/// Starts `cmd` with its stdout/stderr collected.
+pub fn spawn(cmd: &mut Command) -> Running {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let (tx, lines_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((start.elapsed(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    Running {
+        child,
+        start,
+        lines_rx,
+        lines: Vec::new(),
+        stderr_thread: Some(stderr_thread),
+    }
+}
+
+impl Running {
+    /// Waits up to `timeout` for a console line containing `needle`.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<(Duration, String)> {
+        if let Some(l) = self.lines.iter().find(|(_, l)| l.contains(needle)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines_rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.lines.push(l.clone());
+                    if l.1.contains(needle) {
+                        return Some(l);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends `sig` to the child (by its PID).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit; kills the child (by PID) after `timeout`.
+    pub fn finish(mut self, timeout: Duration) -> Run {
+        let deadline = self.start + timeout;
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                timed_out = true;
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let elapsed = self.start.elapsed();
+        let stderr = self
+            .stderr_thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default();
+        // The reader ends at EOF, which follows the exit.
+        while let Ok(l) = self.lines_rx.recv_timeout(Duration::from_secs(2)) {
+            self.lines.push(l);
+        }
+        Run {
+            status,
+            lines: self.lines,
+            stderr,
+            elapsed,
+            timed_out,
+        }
+    }
+}
+
+/// Runs `remora ARGS` to completion (killed after `timeout`).
+pub fn run_remora(args: &[&str], timeout: Duration) -> Run {
+    spawn_remora(args).finish(timeout)
+}
+
+/// Boots the test guest with `cmdline` on `vcpus` vCPUs.
+pub fn run_guest(cmdline: &str, vcpus: u32, mem_mib: u32, timeout: Duration) -> Run {
+    let guest = guest_bin();
+    let (v, m) = (vcpus.to_string(), mem_mib.to_string());
+    run_remora(
+        &[
+            "run",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--vcpus",
+            &v,
+            "--mem",
+            &m,
+        ],
+        timeout,
+    )
+}
+
+/// Usable RAM in KiB the guest should report for `mem_mib` (the e820 map
+/// minus the EBDA/BIOS hole between 0x9fc00 and 1 MiB).
+pub fn expected_mem_kib(mem_mib: u64) -> u64 {
+    (mem_mib << 10) - (0x10_0000 - 0x9_fc00) / 1024
+}
