@@ -55,6 +55,11 @@ struct RunArgs {
     /// the known ones.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     cpu_hide: Vec<String>,
+    /// A virtio-blk disk on a raw image file; repeat for more disks.
+    /// Requests beyond the image or writes to a read-only disk fail in the
+    /// guest with an I/O error.
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<remora_vmm::DiskConfig>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -124,6 +129,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cpu_hide: args.cpu_hide,
         kvm_path: args.kvm,
         console: Box::new(std::io::stdout()),
+        disks: args.disk,
     };
     let vmm = Vmm::new(config)?;
     forward_stop_signals(vmm.event_sender())?;

@@ -137,3 +137,15 @@ fn no_permission_on_dev_kvm() {
     .finish(T);
     assert_clear_error(&run, &["permission denied opening /dev/kvm"]);
 }
+
+#[test]
+fn missing_disk() {
+    let run = run_args(&["--disk", "/nonexistent/disk.img"]);
+    assert_clear_error(&run, &["cannot open disk /nonexistent/disk.img", "No such file"]);
+}
+
+#[test]
+fn bad_disk_option() {
+    let run = run_args(&["--disk", "/tmp/x.img,turbo"]);
+    assert_clear_error(&run, &["unknown --disk option 'turbo'"]);
+}

@@ -54,6 +54,13 @@ pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// virtio-mmio windows (4 KiB each) and their interrupts: device `i` is at
+/// `VIRTIO_MMIO_BASE + i * 0x1000` on GSI `VIRTIO_GSI_BASE + i`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_GSI_BASE: u32 = 5;
+/// IOAPIC pins 5..=23 are free for virtio devices.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
 /// I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;

@@ -24,14 +24,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use devices::legacy::{AcpiSleep, I8042};
 use devices::serial::SerialConsole;
-use devices::{lock, DeviceEvent, PioBus, PioDevice};
+use devices::{lock, DeviceEvent, MmioBus, PioBus, PioDevice};
 pub use vcpu::VcpuFault;
 
 /// Largest vCPU count remora offers: APIC IDs are 8-bit in the MADT and
@@ -51,6 +51,39 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
+    /// virtio-blk disks, in order (the first is /dev/vda under Linux).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A `--disk PATH[,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    /// Parses `PATH[,ro]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("--disk needs a path: --disk PATH[,ro]")?;
+        let mut read_only = false;
+        for opt in parts {
+            match opt {
+                "ro" | "readonly" => read_only = true,
+                "rw" => read_only = false,
+                other => return Err(format!("unknown --disk option '{other}' (known: ro, rw)")),
+            }
+        }
+        Ok(DiskConfig {
+            path: path.into(),
+            read_only,
+        })
+    }
 }
 
 /// Events that end (or may end) the VM, from devices, vCPUs or the caller.
@@ -104,6 +137,10 @@ pub enum VmError {
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Cpuid(#[from] cpuid::CpuidError),
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::block::BlockError),
+    #[error("too many virtio devices ({0}); at most {max}", max = layout::MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
     #[error("VM setup failed: {0}")]
     Setup(String),
 }
@@ -122,6 +159,7 @@ pub struct Vmm {
     mem: GuestMemoryMmap,
     vcpus: Vec<vcpu::Vcpu>,
     bus: PioBus,
+    mmio: MmioBus,
     serial: Arc<Mutex<SerialConsole>>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
@@ -146,6 +184,8 @@ impl Vmm {
             return Err(VmError::NoVcpus);
         }
         let hidden = cpuid::parse_hidden(&config.cpu_hide)?;
+        // Input that needs no KVM is checked first; the mapping is lazy.
+        let mem = memory::create_guest_memory(config.mem_mib)?;
         let kvm = open_kvm(&config.kvm_path)?;
         let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS);
         if config.vcpus > max {
@@ -155,7 +195,6 @@ impl Vmm {
             });
         }
         let nvcpus = config.vcpus as u8;
-        let mem = memory::create_guest_memory(config.mem_mib)?;
         let mem_bytes = config.mem_mib << 20;
 
         let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
@@ -171,7 +210,23 @@ impl Vmm {
         vm.create_pit2(pit).map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
         register_memory(&vm, &mem)?;
 
-        let rsdp = acpi::create_acpi_tables(&mem, nvcpus, &[])?;
+        // Devices are opened before anything else touches the guest, so a
+        // bad --disk is reported before boot.
+        let mut virtio: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
+        for d in &config.disks {
+            virtio.push(Box::new(devices::virtio::block::Block::open(&d.path, d.read_only)?));
+        }
+        if virtio.len() > layout::MAX_VIRTIO_DEVICES {
+            return Err(VmError::TooManyDevices(virtio.len()));
+        }
+        let windows: Vec<acpi::MmioDevice> = (0..virtio.len())
+            .map(|i| acpi::MmioDevice {
+                addr: layout::VIRTIO_MMIO_BASE + i as u64 * devices::virtio::mmio::MMIO_WINDOW,
+                len: devices::virtio::mmio::MMIO_WINDOW as u32,
+                gsi: layout::VIRTIO_GSI_BASE + i as u32,
+            })
+            .collect();
+        let rsdp = acpi::create_acpi_tables(&mem, nvcpus, &windows)?;
         let entry = boot::load_kernel(
             &mem,
             &boot::BootSpec {
@@ -202,6 +257,20 @@ impl Vmm {
             ),
         ]);
 
+        let mut mmio_windows = Vec::new();
+        for (dev, w) in virtio.into_iter().zip(&windows) {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
+            vm.register_irqfd(&irq, w.gsi).map_err(VmError::kvm("KVM_IRQFD"))?;
+            let t = devices::virtio::mmio::MmioTransport::new(dev, mem.clone(), irq).map_err(VmError::Setup)?;
+            for (qi, evt) in t.queue_evts().iter().enumerate() {
+                let addr = IoEventAddress::Mmio(w.addr + devices::virtio::mmio::QUEUE_NOTIFY);
+                vm.register_ioevent(evt, &addr, qi as u32)
+                    .map_err(VmError::kvm("KVM_IOEVENTFD"))?;
+            }
+            mmio_windows.push((w.addr, u64::from(w.len), Arc::new(Mutex::new(t))));
+        }
+        let mmio = MmioBus::new(mmio_windows);
+
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -222,6 +291,7 @@ impl Vmm {
             mem,
             vcpus,
             bus,
+            mmio,
             serial,
             events_tx,
             events_rx,
@@ -247,10 +317,11 @@ impl Vmm {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for v in self.vcpus.drain(..) {
-            let (mem, bus, stop, events) = (self.mem.clone(), self.bus.clone(), stop.clone(), self.events_tx.clone());
+            let buses = (self.bus.clone(), self.mmio.clone());
+            let (mem, stop, events) = (self.mem.clone(), stop.clone(), self.events_tx.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.index))
-                .spawn(move || vcpu::run_loop(v, mem, bus, stop, events))
+                .spawn(move || vcpu::run_loop(v, mem, buses, stop, events))
                 .map_err(|e| VmError::Setup(format!("cannot start vCPU thread: {e}")))?;
             threads.push(t);
         }

@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::regs;
 use crate::boot::BootEntry;
-use crate::devices::{EventSender, PioBus};
+use crate::devices::{EventSender, MmioBus, PioBus};
 use crate::diag;
 use crate::{VmError, VmEvent};
 
@@ -129,7 +129,13 @@ fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
 
 /// Runs a vCPU until the VM stops (`stop` set and the thread kicked) or the
 /// vCPU faults; faults are reported on `events`.
-pub fn run_loop(mut vcpu: Vcpu, mem: GuestMemoryMmap, bus: PioBus, stop: Arc<AtomicBool>, events: EventSender) {
+pub fn run_loop(
+    mut vcpu: Vcpu,
+    mem: GuestMemoryMmap,
+    (bus, mmio): (PioBus, MmioBus),
+    stop: Arc<AtomicBool>,
+    events: EventSender,
+) {
     let index = vcpu.index;
     loop {
         if stop.load(Ordering::Acquire) {
@@ -147,12 +153,15 @@ pub fn run_loop(mut vcpu: Vcpu, mem: GuestMemoryMmap, bus: PioBus, stop: Arc<Ato
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                tracing::trace!(vcpu = index, addr, "read from unclaimed MMIO");
-                data.fill(0xff);
+                if !mmio.read(addr, data) {
+                    tracing::trace!(vcpu = index, addr, "read from unclaimed MMIO");
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                tracing::trace!(vcpu = index, addr, "write to unclaimed MMIO");
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !mmio.write(addr, data) {
+                    tracing::trace!(vcpu = index, addr, "write to unclaimed MMIO");
+                }
                 None
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,

@@ -2,6 +2,7 @@
 
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -79,6 +80,54 @@ impl PioBus {
         match self.find(port) {
             Some((r, off)) => {
                 lock(&r.dev).write(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A transport at (base, length) on the MMIO bus.
+pub type MmioWindow = (u64, u64, Arc<Mutex<virtio::mmio::MmioTransport>>);
+
+/// Routes MMIO exits to virtio-mmio transports by address window.
+#[derive(Default, Clone)]
+pub struct MmioBus {
+    windows: Arc<Vec<MmioWindow>>,
+}
+
+impl MmioBus {
+    pub fn new(windows: Vec<MmioWindow>) -> Self {
+        MmioBus {
+            windows: Arc::new(windows),
+        }
+    }
+
+    fn find(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
+        self.windows
+            .iter()
+            .find(|(base, len, _)| addr >= *base && addr - base < *len)
+            .map(|(base, _, dev)| (&**dev, addr - base))
+    }
+
+    /// Returns whether a device claimed the address; unclaimed reads see ones.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((dev, off)) => {
+                lock(dev).read(off, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((dev, off)) => {
+                lock(dev).write(off, data);
                 true
             }
             None => false,
