@@ -60,6 +60,11 @@ struct RunArgs {
     /// guest with an I/O error.
     #[arg(long, value_name = "PATH[,ro]")]
     disk: Vec<remora_vmm::DiskConfig>,
+    /// A virtio-net interface on a TAP: an existing (persistent) TAP is
+    /// attached to, a missing one is created. The MAC defaults to a stable
+    /// locally administered address derived from the TAP name. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<remora_vmm::NetConfig>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -130,6 +135,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         kvm_path: args.kvm,
         console: Box::new(std::io::stdout()),
         disks: args.disk,
+        nets: args.net,
     };
     let vmm = Vmm::new(config)?;
     forward_stop_signals(vmm.event_sender())?;

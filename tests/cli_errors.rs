@@ -149,3 +149,15 @@ fn bad_disk_option() {
     let run = run_args(&["--disk", "/tmp/x.img,turbo"]);
     assert_clear_error(&run, &["unknown --disk option 'turbo'"]);
 }
+
+#[test]
+fn bad_tap_name() {
+    let run = run_args(&["--net", "tap=this-name-is-far-too-long"]);
+    assert_clear_error(&run, &["TAP name 'this-name-is-far-too-long' is not valid"]);
+}
+
+#[test]
+fn bad_mac() {
+    let run = run_args(&["--net", "tap=t0,mac=52:54"]);
+    assert_clear_error(&run, &["bad MAC address '52:54'"]);
+}

@@ -53,7 +53,11 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// virtio-blk disks, in order (the first is /dev/vda under Linux).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces on TAPs, in order.
+    pub nets: Vec<NetConfig>,
 }
+
+pub use devices::virtio::net::NetConfig;
 
 /// A `--disk PATH[,ro]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +143,8 @@ pub enum VmError {
     Cpuid(#[from] cpuid::CpuidError),
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Tap(#[from] devices::tap::TapError),
     #[error("too many virtio devices ({0}); at most {max}", max = layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
     #[error("VM setup failed: {0}")]
@@ -213,6 +219,9 @@ impl Vmm {
         // Devices are opened before anything else touches the guest, so a
         // bad --disk is reported before boot.
         let mut virtio: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
+        for n in &config.nets {
+            virtio.push(Box::new(devices::virtio::net::Net::open(n)?));
+        }
         for d in &config.disks {
             virtio.push(Box::new(devices::virtio::block::Block::open(&d.path, d.read_only)?));
         }

@@ -2,6 +2,7 @@
 
 pub mod legacy;
 pub mod serial;
+pub mod tap;
 pub mod virtio;
 
 use std::sync::mpsc::Sender;
