@@ -1,0 +1,413 @@
+//! Network topologies in Linux network namespaces for tests and
+//! benchmarks.
+//!
+//! Every namespace gets a unique name (`rm<tag><pid><counter>`, short
+//! enough for interface names too), and everything is removed when its
+//! owner is dropped — also while a failing test unwinds. Links can be
+//! shaped: rate and bottleneck queue with `tbf`, random loss with a BPF
+//! egress filter compiled by clang-14 (this host has no netem).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Errors setting up a topology.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlabError {
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("cannot run `{cmd}`: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, NetlabError>;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique on this host for this process: `<tag><pid36><n36>`.
+pub fn unique_name(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("rm{tag}{}{}", base36(std::process::id()), base36(n));
+    name.chars().take(12).collect()
+}
+
+fn base36(mut v: u32) -> String {
+    let mut s = Vec::new();
+    loop {
+        s.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
+}
+
+/// Runs a command to completion, failing with its stderr.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let desc = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| NetlabError::Spawn {
+        cmd: desc.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(NetlabError::Command {
+            cmd: desc,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted on drop together with the processes this
+/// value started in it.
+pub struct Netns {
+    name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up.
+    pub fn new(tag: &str) -> Result<Netns> {
+        let name = unique_name(tag);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns {
+            name,
+            children: Vec::new(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs inside this namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Runs `program ARGS` in the namespace to completion.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        run(self.command(program).args(args))
+    }
+
+    /// Starts a process in the namespace; it is killed (by PID) and reaped
+    /// when the namespace is dropped, unless waited for before.
+    pub fn spawn(&mut self, mut cmd: Command) -> Result<&mut Child> {
+        let desc = format!("{cmd:?}");
+        let child = cmd.spawn().map_err(|source| NetlabError::Spawn { cmd: desc, source })?;
+        self.children.push(child);
+        let last = self.children.len() - 1;
+        Ok(&mut self.children[last])
+    }
+
+    /// Runs `f` on a new thread inside this namespace (its sockets belong
+    /// to the namespace), returning its join handle.
+    pub fn spawn_thread<T, F>(&self, f: F) -> std::thread::JoinHandle<std::io::Result<T>>
+    where
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path)?;
+            enter_netns(&file)?;
+            f()
+        })
+    }
+
+    /// Rate limit and bottleneck queue on `dev`'s egress: `rate` like
+    /// "1gbit", `burst` like "64kb", `limit_bytes` the queue in bytes.
+    pub fn tbf(&self, dev: &str, rate: &str, burst: &str, limit_bytes: u64) -> Result<()> {
+        let limit = limit_bytes.to_string();
+        run(Command::new("tc").args([
+            "-n", &self.name, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "limit",
+            &limit,
+        ]))?;
+        Ok(())
+    }
+
+    /// Drops each packet leaving `dev` with probability `percent` / 100,
+    /// with a BPF filter on clsact egress.
+    pub fn random_loss(&self, dev: &str, percent: f64) -> Result<()> {
+        let obj = loss_filter(percent)?;
+        let obj = obj.to_string_lossy().into_owned();
+        run(Command::new("tc").args(["-n", &self.name, "qdisc", "replace", "dev", dev, "clsact"]))?;
+        run(Command::new("tc").args([
+            "-n",
+            &self.name,
+            "filter",
+            "replace",
+            "dev",
+            dev,
+            "egress",
+            "bpf",
+            "direct-action",
+            "obj",
+            &obj,
+            "sec",
+            "tc",
+        ]))?;
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Moves the calling thread into the network namespace `file` refers to.
+fn enter_netns(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on a valid open namespace fd; it only changes this
+    // thread's network namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Compiles (once per loss rate) the BPF program dropping `percent` % of
+/// packets; returns the object's path.
+fn loss_filter(percent: f64) -> Result<PathBuf> {
+    let thresh = ((percent / 100.0) * f64::from(u32::MAX)).clamp(0.0, f64::from(u32::MAX)) as u64;
+    let dir = std::env::temp_dir().join(format!("remora-netlab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| NetlabError::Spawn {
+        cmd: "mkdir".into(),
+        source,
+    })?;
+    let obj = dir.join(format!("loss-{thresh}.o"));
+    if obj.exists() {
+        return Ok(obj);
+    }
+    let src = dir.join(format!("loss-{thresh}.c"));
+    let code = format!(
+        "#include <linux/bpf.h>\n#include <linux/pkt_cls.h>\n\
+         static unsigned int (*bpf_get_prandom_u32)(void) = (void *)BPF_FUNC_get_prandom_u32;\n\
+         __attribute__((section(\"tc\"), used)) int drop_random(struct __sk_buff *skb) {{\n\
+         \treturn (unsigned long long)bpf_get_prandom_u32() < {thresh}ULL ? TC_ACT_SHOT : TC_ACT_OK;\n}}\n\
+         char _license[] __attribute__((section(\"license\"), used)) = \"GPL\";\n"
+    );
+    std::fs::write(&src, code).map_err(|source| NetlabError::Spawn {
+        cmd: "write BPF source".into(),
+        source,
+    })?;
+    let tmp = dir.join(format!("loss-{thresh}.o.tmp"));
+    run(Command::new("clang-14")
+        .args(["-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&tmp))?;
+    std::fs::rename(&tmp, &obj).map_err(|source| NetlabError::Spawn {
+        cmd: "rename BPF object".into(),
+        source,
+    })?;
+    Ok(obj)
+}
+
+/// The LAN a VM sits on: a `client` namespace whose `eth0` (10.0.0.1/24)
+/// is a veth into a bridge `br0` in a `host` namespace; the VM's TAP
+/// (persistent, with vnet headers, named `tap0`) is on the same bridge.
+/// Run the VMM inside `host` (`host.command(...)`), the guest takes
+/// 10.0.0.2/24.
+pub struct VmLan {
+    pub client: Netns,
+    pub host: Netns,
+    pub tap: String,
+}
+
+pub const CLIENT_IP: &str = "10.0.0.1";
+pub const GUEST_IP: &str = "10.0.0.2";
+
+impl VmLan {
+    pub fn new(tag: &str) -> Result<VmLan> {
+        let client = Netns::new(&format!("{tag}c"))?;
+        let host = Netns::new(&format!("{tag}h"))?;
+        let tap = "tap0".to_string();
+        host.ip(&["link", "add", "br0", "type", "bridge"])?;
+        host.ip(&[
+            "link",
+            "add",
+            "vclient",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            client.name(),
+        ])?;
+        host.ip(&["link", "set", "vclient", "master", "br0", "up"])?;
+        host.ip(&["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"])?;
+        host.ip(&["link", "set", &tap, "master", "br0", "up"])?;
+        host.ip(&["link", "set", "br0", "up"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        client.ip(&["link", "set", "eth0", "up"])?;
+        Ok(VmLan { client, host, tap })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exists(name: &str) -> bool {
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
+            .split_whitespace()
+            .any(|n| n == name)
+    }
+
+    /// Two namespaces joined by a veth pair.
+    fn pair(tag: &str) -> (Netns, Netns) {
+        let a = Netns::new(&format!("{tag}a")).unwrap();
+        let b = Netns::new(&format!("{tag}b")).unwrap();
+        a.ip(&[
+            "link",
+            "add",
+            "v0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v1",
+            "netns",
+            b.name(),
+        ])
+        .unwrap();
+        a.ip(&["addr", "add", "192.168.77.1/24", "dev", "v0"]).unwrap();
+        b.ip(&["addr", "add", "192.168.77.2/24", "dev", "v1"]).unwrap();
+        a.ip(&["link", "set", "v0", "up"]).unwrap();
+        b.ip(&["link", "set", "v1", "up"]).unwrap();
+        (a, b)
+    }
+
+    /// Sends `count` UDP datagrams from `from` to `to_ns` and counts
+    /// what arrives.
+    fn udp_delivered(from: &Netns, to_ns: &Netns, to: &str, count: u32) -> u32 {
+        use std::net::UdpSocket;
+        use std::time::Duration;
+        let rx = to_ns.spawn_thread(move || {
+            let s = UdpSocket::bind("0.0.0.0:6000")?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let mut n = 0;
+            let mut buf = [0u8; 64];
+            while s.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            Ok(n)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let to = format!("{to}:6000");
+        from.spawn_thread(move || {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for _ in 0..count {
+                s.send_to(b"x", &to)?;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        rx.join().unwrap().unwrap()
+    }
+
+    #[test]
+    fn names_are_unique_and_short() {
+        let a = unique_name("x");
+        let b = unique_name("x");
+        assert_ne!(a, b);
+        assert!(a.len() <= 12);
+    }
+
+    #[test]
+    fn namespaces_are_removed_even_when_a_test_panics() {
+        let mut seen = String::new();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ns = Netns::new("p").unwrap();
+            seen = ns.name().to_string();
+            assert!(exists(&seen));
+            panic!("simulated test failure");
+        }));
+        assert!(r.is_err());
+        assert!(!seen.is_empty() && !exists(&seen), "{seen} left behind");
+    }
+
+    #[test]
+    fn veth_pair_carries_traffic_and_bpf_loss_drops_it() {
+        let (a, b) = pair("l");
+        assert_eq!(udp_delivered(&a, &b, "192.168.77.2", 200), 200);
+        a.random_loss("v0", 100.0).unwrap();
+        assert_eq!(
+            udp_delivered(&a, &b, "192.168.77.2", 50),
+            0,
+            "100% loss let packets through"
+        );
+        a.random_loss("v0", 30.0).unwrap();
+        let got = udp_delivered(&a, &b, "192.168.77.2", 1000);
+        assert!((600..=800).contains(&got), "30% loss delivered {got}/1000");
+    }
+
+    #[test]
+    fn tbf_limits_the_rate() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let (a, b) = pair("t");
+        a.tbf("v0", "8mbit", "16kb", 64 * 1024).unwrap();
+        let rx = b.spawn_thread(|| {
+            let l = TcpListener::bind("0.0.0.0:5001")?;
+            let (mut c, _) = l.accept()?;
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match c.read(&mut buf)? {
+                    0 => return Ok(n),
+                    k => n += k as u64,
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let t = std::time::Instant::now();
+        a.spawn_thread(|| {
+            let mut c = TcpStream::connect("192.168.77.2:5001")?;
+            c.write_all(&vec![0u8; 1_000_000])?;
+            Ok(())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert_eq!(rx.join().unwrap().unwrap(), 1_000_000);
+        let secs = t.elapsed().as_secs_f64();
+        // 1 MB at 8 Mbit/s takes ~1 s; unshaped veth takes milliseconds.
+        assert!(secs > 0.7, "1 MB crossed an 8 Mbit/s link in {secs:.2} s");
+    }
+
+    #[test]
+    fn vm_lan_builds_and_cleans_up() {
+        let lan = VmLan::new("v").unwrap();
+        let out = lan.host.ip(&["-d", "link", "show", "tap0"]).unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("vnet_hdr on"));
+        let (c, h) = (lan.client.name().to_string(), lan.host.name().to_string());
+        drop(lan);
+        assert!(!exists(&c) && !exists(&h));
+    }
+}
