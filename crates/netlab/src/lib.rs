@@ -7,6 +7,8 @@
 //! shaped: rate and bottleneck queue with `tbf`, random loss with a BPF
 //! egress filter compiled by clang-14 (this host has no netem).
 
+pub mod emu;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -399,6 +401,135 @@ mod tests {
         let secs = t.elapsed().as_secs_f64();
         // 1 MB at 8 Mbit/s takes ~1 s; unshaped veth takes milliseconds.
         assert!(secs > 0.7, "1 MB crossed an 8 Mbit/s link in {secs:.2} s");
+    }
+
+    /// a -- [x0 emu x1] -- b
+    fn emulated(tag: &str, ab: emu::LinkProfile, ba: emu::LinkProfile) -> (Netns, Netns, Netns, emu::LinkEmulator) {
+        let a = Netns::new(&format!("{tag}a")).unwrap();
+        let m = Netns::new(&format!("{tag}m")).unwrap();
+        let b = Netns::new(&format!("{tag}b")).unwrap();
+        m.ip(&[
+            "link",
+            "add",
+            "x0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v0",
+            "netns",
+            a.name(),
+        ])
+        .unwrap();
+        m.ip(&[
+            "link",
+            "add",
+            "x1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v1",
+            "netns",
+            b.name(),
+        ])
+        .unwrap();
+        m.ip(&["link", "set", "x0", "up"]).unwrap();
+        m.ip(&["link", "set", "x1", "up"]).unwrap();
+        a.ip(&["addr", "add", "192.168.78.1/24", "dev", "v0"]).unwrap();
+        b.ip(&["addr", "add", "192.168.78.2/24", "dev", "v1"]).unwrap();
+        a.ip(&["link", "set", "v0", "up"]).unwrap();
+        b.ip(&["link", "set", "v1", "up"]).unwrap();
+        let e = m.link_emulator("x0", "x1", ab, ba).unwrap();
+        (a, m, b, e)
+    }
+
+    #[test]
+    fn emulator_delays_and_carries_tcp_intact() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let d = std::time::Duration::from_millis(25);
+        let p = emu::LinkProfile {
+            delay: d,
+            ..Default::default()
+        };
+        let (a, _m, b, _e) = emulated("d", p, p);
+        let data: Vec<u8> = (0..4_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let want = data.clone();
+        let rx = b.spawn_thread(|| {
+            let l = TcpListener::bind("0.0.0.0:5002")?;
+            let (mut c, _) = l.accept()?;
+            let mut got = Vec::new();
+            c.read_to_end(&mut got)?;
+            Ok(got)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let rtt = a
+            .spawn_thread(move || {
+                let t = std::time::Instant::now();
+                let mut c = TcpStream::connect("192.168.78.2:5002")?;
+                let rtt = t.elapsed();
+                c.write_all(&data)?;
+                Ok(rtt)
+            })
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(rtt >= 2 * d, "handshake took {rtt:?}, the link adds {:?}", 2 * d);
+        assert!(
+            rx.join().unwrap().unwrap() == want,
+            "stream corrupted across the emulator"
+        );
+    }
+
+    #[test]
+    fn emulator_reorders_duplicates_and_drops() {
+        use std::net::UdpSocket;
+        let p = emu::LinkProfile {
+            delay: std::time::Duration::from_millis(5),
+            jitter: std::time::Duration::from_millis(5),
+            reorder: 0.1,
+            duplicate: 0.1,
+            loss: 0.1,
+        };
+        let (a, _m, b, e) = emulated("r", p, emu::LinkProfile::default());
+        let rx = b.spawn_thread(|| {
+            let s = UdpSocket::bind("0.0.0.0:6001")?;
+            // The first datagram may wait for ARP, itself subject to loss.
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8];
+            while s.recv(&mut buf).is_ok() {
+                s.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+                got.push(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
+            }
+            Ok(got)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        a.spawn_thread(|| {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for i in 0..2000u32 {
+                s.send_to(&i.to_le_bytes(), "192.168.78.2:6001")?;
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        let got = rx.join().unwrap().unwrap();
+        let inversions = got.windows(2).filter(|w| w[1] < w[0]).count();
+        let mut uniq = got.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        let dups = got.len() - uniq.len();
+        let lost = 2000 - uniq.len();
+        assert!(inversions > 50, "only {inversions} reorderings");
+        assert!((100..400).contains(&dups), "{dups} duplicates");
+        assert!((100..350).contains(&lost), "{lost} lost");
+        assert!(e.counters[0].frames_in.load(std::sync::atomic::Ordering::Relaxed) >= 2000);
     }
 
     #[test]
