@@ -1,8 +1,9 @@
 //! Crash diagnostics: translate a guest virtual address through the guest's
 //! own page tables so an emulation failure can show the instruction bytes.
 
+use crate::memory::GuestMemoryMmap;
 use kvm_bindings::kvm_sregs;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const CR0_PG: u64 = 1 << 31;
 const CR4_PSE: u64 = 1 << 4;

@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use crate::memory::GuestMemoryMmap;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -214,7 +214,7 @@ impl Vmm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
-        register_memory(&vm, &mem)?;
+        memory::register_memory(&vm, &mem, false).map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
 
         // Devices are opened before anything else touches the guest, so a
         // bad --disk is reported before boot.
@@ -357,25 +357,4 @@ impl Vmm {
         lock(&self.serial).flush_output();
         Ok(exit)
     }
-}
-
-/// Registers every guest memory region as a KVM memory slot.
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| VmError::Setup(format!("guest memory region: {e}")))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().raw_value(),
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: `host` is the start of a live mmap of `region.len()` bytes
-        // owned by `mem`, which the Vmm keeps alive at least as long as the
-        // VM fd that maps it; slots do not overlap (regions are disjoint).
-        unsafe { vm.set_user_memory_region(r) }.map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
 }

@@ -1,7 +1,13 @@
 //! Guest memory: anonymous mappings around the 32-bit MMIO gap, and the e820
 //! map that describes them to the guest.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::GuestAddress;
+
+/// Guest memory with a dirty bitmap: every write the VMM makes through
+/// vm-memory (virtio used rings, RX buffers, block reads) marks its page,
+/// which KVM's dirty log cannot see.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 use crate::layout::*;
 
@@ -59,6 +65,62 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError>
     GuestMemoryMmap::from_ranges(&ram_ranges(bytes)).map_err(|source| MemoryError::Mmap { mib: mem_mib, source })
 }
 
+/// Registers every region as a KVM memory slot (slot = region index),
+/// with KVM dirty logging if `log_dirty`. Registering again with another
+/// `log_dirty` switches logging on or off.
+pub fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), kvm_ioctls::Error> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live mmap of `region.len()` bytes
+        // owned by `mem`, which its owner keeps alive at least as long as
+        // the VM fd that maps it; slots do not overlap (regions are disjoint).
+        unsafe { vm.set_user_memory_region(r) }?;
+    }
+    Ok(())
+}
+
+/// Guest page size for dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Guest-physical addresses of the pages written since the last harvest,
+/// by the guest (KVM's dirty log, read-and-clear) or by the VMM (the
+/// memory's own bitmap, read-and-reset). Call with the vCPUs paused for an
+/// exact, atomic cut.
+pub fn harvest_dirty(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, kvm_ioctls::Error> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+    let mut pages = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let kvm_log = vm.get_dirty_log(slot as u32, region.len() as usize)?;
+        // The region's whole AtomicBitmap (not the GuestMemoryRegion slice view).
+        let vmm_log = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        let base = region.start_addr().raw_value();
+        let words = kvm_log.len().max(vmm_log.len());
+        for w in 0..words {
+            let mut bits = kvm_log.get(w).copied().unwrap_or(0) | vmm_log.get(w).copied().unwrap_or(0);
+            while bits != 0 {
+                let b = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                pages.push(base + (w as u64 * 64 + b) * PAGE_SIZE);
+            }
+        }
+    }
+    Ok(pages)
+}
+
 /// The e820 map for `mem_bytes` of RAM laid out by [`ram_ranges`].
 pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
     let low_end = mem_bytes.min(MMIO_GAP_START);
@@ -113,6 +175,38 @@ mod tests {
         assert_eq!(map[3].size, mem - MMIO_GAP_START);
         let total: usize = ram_ranges(mem).iter().map(|r| r.1).sum();
         assert_eq!(total as u64, mem);
+    }
+
+    /// A real-mode guest writes one page and halts while the VMM writes
+    /// another: one harvest sees both, the next sees neither.
+    #[test]
+    fn harvest_sees_guest_and_vmm_writes_exactly_once() {
+        use vm_memory::Bytes;
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        vm.set_tss_address(0xfffb_d000).unwrap();
+        let mem = create_guest_memory(16).unwrap();
+        register_memory(&vm, &mem, true).unwrap();
+        // mov byte [0x3000], 1 ; hlt
+        mem.write_slice(&[0xc6, 0x06, 0x00, 0x30, 0x01, 0xf4], GuestAddress(0x1000))
+            .unwrap();
+        let _ = harvest_dirty(&vm, &mem).unwrap(); // the loader's own writes
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        assert!(matches!(vcpu.run(), Ok(kvm_ioctls::VcpuExit::Hlt)));
+        mem.write_obj(7u32, GuestAddress(0x50_0000)).unwrap();
+        let dirty = harvest_dirty(&vm, &mem).unwrap();
+        assert!(dirty.contains(&0x3000), "guest write missed: {dirty:x?}");
+        assert!(dirty.contains(&0x50_0000), "VMM write missed: {dirty:x?}");
+        assert!(dirty.len() <= 4, "unexpected dirty pages: {dirty:x?}");
+        assert!(harvest_dirty(&vm, &mem).unwrap().is_empty(), "harvest did not clear");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Initial vCPU state for the two entry protocols, as plain data (no KVM
 //! calls here, so it is unit-tested without /dev/kvm).
 
+use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{BootEntry, EntryMode};
 use crate::layout::*;
