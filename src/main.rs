@@ -30,6 +30,53 @@ enum Command {
     /// it crashes (triple fault, KVM emulation failure: non-zero, with the
     /// cause), or on SIGINT/SIGTERM (exit status 0 after a clean stop).
     Run(RunArgs),
+    /// Resume a VM from a snapshot directory (the base and its increments,
+    /// applied in order) in this new process.
+    Restore(RestoreArgs),
+    /// Talk to a running VM's control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Snapshot directory written by `remora ctl ... snapshot --out DIR`.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Serve control requests on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// The KVM device.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
+    kvm: PathBuf,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The VM's control socket (`remora run --control PATH`).
+    socket: PathBuf,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+#[derive(Subcommand)]
+enum CtlRequest {
+    /// Print whether the VM runs or is paused, and its snapshot chain.
+    Status,
+    /// Stop the vCPUs (the VM keeps its state).
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Save the VM into DIR: a base snapshot, or with --incremental only
+    /// what changed since the last snapshot into the same DIR. The vCPUs are
+    /// paused only while state and dirty pages are copied to memory.
+    Snapshot {
+        /// Directory of the snapshot chain.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Add an increment to the chain in DIR instead of starting one.
+        #[arg(long)]
+        incremental: bool,
+    },
 }
 
 #[derive(Args)]
@@ -65,6 +112,10 @@ struct RunArgs {
     /// locally administered address derived from the TAP name. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<remora_vmm::NetConfig>,
+    /// Serve control requests (status, pause, resume, snapshot) on this
+    /// Unix socket; see `remora ctl`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -78,6 +129,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
+        Command::Ctl(args) => ctl(args),
     };
     match result {
         Ok(code) => code,
@@ -137,7 +190,49 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         disks: args.disk,
         nets: args.net,
     };
-    let vmm = Vmm::new(config)?;
+    let mut vmm = Vmm::new(config)?;
+    if let Some(p) = args.control {
+        vmm.set_control_socket(p);
+    }
+    run_vmm(vmm)
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let mut vmm = Vmm::restore(remora_vmm::RestoreConfig {
+        snapshot: args.snapshot,
+        kvm_path: args.kvm,
+        console: Box::new(std::io::stdout()),
+    })?;
+    if let Some(p) = args.control {
+        vmm.set_control_socket(p);
+    }
+    run_vmm(vmm)
+}
+
+fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
+    use remora_vmm::control::{request, Command as C};
+    let cmd = match args.request {
+        CtlRequest::Status => C::Status,
+        CtlRequest::Pause => C::Pause,
+        CtlRequest::Resume => C::Resume,
+        CtlRequest::Snapshot { out, incremental } => {
+            // The VMM may run in another directory: send an absolute path.
+            let out = std::path::absolute(&out).with_context(|| format!("bad path {}", out.display()))?;
+            C::Snapshot { dir: out, incremental }
+        }
+    };
+    let reply =
+        request(&args.socket, &cmd).with_context(|| format!("cannot reach the VM at {}", args.socket.display()))?;
+    match reply.strip_prefix("ok") {
+        Some(rest) => {
+            println!("{}", rest.trim());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => anyhow::bail!("{}", reply.strip_prefix("error ").unwrap_or(&reply)),
+    }
+}
+
+fn run_vmm(vmm: Vmm) -> anyhow::Result<ExitCode> {
     forward_stop_signals(vmm.event_sender())?;
     if std::io::stdin().is_terminal() {
         let serial = vmm.serial();

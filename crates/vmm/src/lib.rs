@@ -6,18 +6,19 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod diag;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 
 use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -100,6 +101,8 @@ pub enum VmEvent {
     },
     /// The caller asks the VM to stop (e.g. on SIGTERM); the string says why.
     Stop(String),
+    /// A control-socket request and where to send the reply.
+    Control(control::Command, Sender<control::Reply>),
 }
 
 /// How a VM run ended.
@@ -149,6 +152,12 @@ pub enum VmError {
     TooManyDevices(usize),
     #[error("VM setup failed: {0}")]
     Setup(String),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("cannot restore: {0}")]
+    State(#[from] remora_vmstate::StateError),
+    #[error("control socket {path}: {source}")]
+    Control { path: PathBuf, source: std::io::Error },
 }
 
 impl VmError {
@@ -160,15 +169,75 @@ impl VmError {
 
 /// A built VM, ready to run.
 pub struct Vmm {
-    _kvm: Kvm,
-    _vm: VmFd,
+    kvm: Kvm,
+    vm: VmFd,
     mem: GuestMemoryMmap,
-    vcpus: Vec<vcpu::Vcpu>,
+    mem_mib: u64,
+    vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
     bus: PioBus,
     mmio: MmioBus,
     serial: Arc<Mutex<SerialConsole>>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
+    control_path: Option<PathBuf>,
+    /// Directory of the snapshot chain being extended, once a base exists
+    /// (KVM dirty logging is on from then).
+    snapshot_dir: Option<PathBuf>,
+}
+
+/// How to resume a snapshot.
+pub struct RestoreConfig {
+    pub snapshot: PathBuf,
+    pub kvm_path: PathBuf,
+    pub console: Box<dyn Write + Send>,
+}
+
+/// A VM with its in-kernel irqchip and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(VmError::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+/// COM1 (fresh, or resumed from a snapshot), the i8042 and the ACPI sleep
+/// registers on a port bus.
+fn legacy_devices(
+    vm: &VmFd,
+    events_tx: &Sender<VmEvent>,
+    console: Box<dyn Write + Send>,
+    serial_state: Option<&snapshot::SerialSnap>,
+) -> Result<(PioBus, Arc<Mutex<SerialConsole>>), VmError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+        .map_err(VmError::kvm("KVM_IRQFD"))?;
+    let serial = match serial_state {
+        Some(st) => SerialConsole::from_state(st, serial_irq, console).map_err(|e| VmError::Setup(e.to_string()))?,
+        None => SerialConsole::new(serial_irq, console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let bus = PioBus::new(vec![
+        (layout::COM1_PORT, 8, serial.clone() as Arc<Mutex<dyn PioDevice>>),
+        (
+            I8042::BASE,
+            I8042::LEN,
+            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+        ),
+        (
+            layout::ACPI_SLEEP_CONTROL_PORT,
+            AcpiSleep::LEN,
+            Arc::new(Mutex::new(AcpiSleep::new(events_tx.clone()))),
+        ),
+    ]);
+    Ok((bus, serial))
 }
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
@@ -203,17 +272,7 @@ impl Vmm {
         let nvcpus = config.vcpus as u8;
         let mem_bytes = config.mem_mib << 20;
 
-        let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(VmError::kvm("KVM_SET_TSS_ADDR"))?;
-        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(VmError::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip().map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
+        let vm = create_vm(&kvm)?;
         memory::register_memory(&vm, &mem, false).map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
 
         // Devices are opened before anything else touches the guest, so a
@@ -248,23 +307,7 @@ impl Vmm {
         )?;
 
         let (events_tx, events_rx) = channel();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
-        vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
-            .map_err(VmError::kvm("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, config.console)));
-        let bus = PioBus::new(vec![
-            (layout::COM1_PORT, 8, serial.clone() as Arc<Mutex<dyn PioDevice>>),
-            (
-                I8042::BASE,
-                I8042::LEN,
-                Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
-            ),
-            (
-                layout::ACPI_SLEEP_CONTROL_PORT,
-                AcpiSleep::LEN,
-                Arc::new(Mutex::new(AcpiSleep::new(events_tx.clone()))),
-            ),
-        ]);
+        let (bus, serial) = legacy_devices(&vm, &events_tx, config.console, None)?;
 
         let mut mmio_windows = Vec::new();
         for (dev, w) in virtio.into_iter().zip(&windows) {
@@ -291,20 +334,79 @@ impl Vmm {
             let mut v = vcpu::Vcpu { index, fd };
             let cpuid = cpuid::vcpu_cpuid(&supported, index, nvcpus, &hidden);
             vcpu::configure(&mut v, &cpuid, &mem, &entry)?;
-            vcpus.push(v);
+            vcpus.push(Arc::new(Mutex::new(v.fd)));
         }
         tracing::info!(vcpus = nvcpus, mem_mib = config.mem_mib, mode = ?entry.mode, entry = entry.entry_addr, "VM built");
         Ok(Vmm {
-            _kvm: kvm,
-            _vm: vm,
+            kvm,
+            vm,
             mem,
+            mem_mib: config.mem_mib,
             vcpus,
             bus,
             mmio,
             serial,
             events_tx,
             events_rx,
+            control_path: None,
+            snapshot_dir: None,
         })
+    }
+
+    /// Rebuilds a VM from the snapshot chain in `cfg.snapshot` (the base and
+    /// every increment, in order), in this fresh process.
+    pub fn restore(cfg: RestoreConfig) -> Result<Vmm, VmError> {
+        let dir = &cfg.snapshot;
+        let (state, count) = snapshot::latest(dir)?;
+        let host = remora_vmstate::cpu::host_cpuid();
+        for v in &state.vcpus {
+            remora_vmstate::cpu::check_compatible(&v.cpuid, &host)?;
+        }
+        let kvm = open_kvm(&cfg.kvm_path)?;
+        let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS);
+        if state.vcpus.len() as u32 > max || state.vcpus.is_empty() {
+            return Err(VmError::TooManyVcpus {
+                requested: state.vcpus.len() as u32,
+                max,
+            });
+        }
+        let mem = memory::create_guest_memory(state.mem_mib)?;
+        let pages = snapshot::load_memory(dir, count, &mem)?;
+        // Loading is not guest activity: start the next chain clean.
+        for r in vm_memory::GuestMemoryBackend::iter(&mem) {
+            std::ops::Deref::deref(r).bitmap().reset();
+        }
+        let vm = create_vm(&kvm)?;
+        memory::register_memory(&vm, &mem, false).map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        let (events_tx, events_rx) = channel();
+        let (bus, serial) = legacy_devices(&vm, &events_tx, cfg.console, Some(&state.serial))?;
+        let mut vcpus = Vec::new();
+        for (i, vs) in state.vcpus.iter().enumerate() {
+            let fd = vm.create_vcpu(i as u64).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+            remora_vmstate::restore_vcpu(&fd, vs)?;
+            vcpus.push(Arc::new(Mutex::new(fd)));
+        }
+        remora_vmstate::restore_vm(&vm, &state.vm)?;
+        tracing::info!(snapshots = count, pages, vcpus = vcpus.len(), "VM restored");
+        Ok(Vmm {
+            kvm,
+            vm,
+            mem,
+            mem_mib: state.mem_mib,
+            vcpus,
+            bus,
+            mmio: MmioBus::default(),
+            serial,
+            events_tx,
+            events_rx,
+            control_path: None,
+            snapshot_dir: None,
+        })
+    }
+
+    /// Serves control requests on a Unix socket at `path` while running.
+    pub fn set_control_socket(&mut self, path: PathBuf) {
+        self.control_path = Some(path);
     }
 
     /// A sender the caller can use to stop the VM ([`VmEvent::Stop`]).
@@ -323,30 +425,43 @@ impl Vmm {
         // Re-registering the same no-op handler on a later VM is harmless.
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| VmError::Setup(format!("vCPU kick signal handler: {e}")))?;
-        let stop = Arc::new(AtomicBool::new(false));
+        if let Some(path) = &self.control_path {
+            control::serve(path, self.events_tx.clone()).map_err(|source| VmError::Control {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let control = Arc::new(vcpu::VcpuControl::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for v in self.vcpus.drain(..) {
+        for (index, fd) in self.vcpus.iter().enumerate() {
             let buses = (self.bus.clone(), self.mmio.clone());
-            let (mem, stop, events) = (self.mem.clone(), stop.clone(), self.events_tx.clone());
+            let (fd, mem, control, events) = (fd.clone(), self.mem.clone(), control.clone(), self.events_tx.clone());
             let t = std::thread::Builder::new()
-                .name(format!("vcpu{}", v.index))
-                .spawn(move || vcpu::run_loop(v, mem, buses, stop, events))
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run_loop(index as u8, fd, mem, buses, control, events))
                 .map_err(|e| VmError::Setup(format!("cannot start vCPU thread: {e}")))?;
             threads.push(t);
         }
-        // The Vmm holds a sender itself, so recv() cannot fail while `self` lives.
-        let exit = match self.events_rx.recv() {
-            Err(_) => VmExit::Stopped("event channel closed".into()),
-            Ok(VmEvent::Device(DeviceEvent::PowerOff)) => VmExit::PowerOff,
-            Ok(VmEvent::Device(DeviceEvent::Reset)) => VmExit::Reset,
-            Ok(VmEvent::Stop(why)) => VmExit::Stopped(why),
-            Ok(VmEvent::VcpuFault { index, fault }) => VmExit::Fault { vcpu: index, fault },
+        let exit = loop {
+            // The Vmm holds a sender itself, so recv() cannot fail while `self` lives.
+            match self.events_rx.recv() {
+                Err(_) => break VmExit::Stopped("event channel closed".into()),
+                Ok(VmEvent::Device(DeviceEvent::PowerOff)) => break VmExit::PowerOff,
+                Ok(VmEvent::Device(DeviceEvent::Reset)) => break VmExit::Reset,
+                Ok(VmEvent::Stop(why)) if !why.is_empty() => break VmExit::Stopped(why),
+                Ok(VmEvent::Stop(_)) => {}
+                Ok(VmEvent::VcpuFault { index, fault }) => break VmExit::Fault { vcpu: index, fault },
+                Ok(VmEvent::Control(cmd, reply)) => {
+                    let r = self.handle_control(cmd, &control, &threads);
+                    let _ = reply.send(r);
+                }
+            }
         };
-        stop.store(true, Ordering::Release);
+        control.request_stop();
         for t in threads {
             while !t.is_finished() {
                 // A vCPU inside KVM_RUN leaves it with EINTR on this signal;
-                // one that is about to enter sees `stop` or gets the next kick.
+                // one that is about to enter sees the stop or the next kick.
                 if let Err(e) = t.kill(SIGRTMIN()) {
                     tracing::debug!("kick vCPU: {e}");
                 }
@@ -355,6 +470,127 @@ impl Vmm {
             let _ = t.join();
         }
         lock(&self.serial).flush_output();
+        if let Some(p) = &self.control_path {
+            let _ = std::fs::remove_file(p);
+        }
         Ok(exit)
+    }
+
+    /// Parks every vCPU outside KVM_RUN.
+    fn pause_vcpus(&self, control: &vcpu::VcpuControl, threads: &[JoinHandle<()>]) -> Result<(), String> {
+        control.request_pause();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            for t in threads {
+                let _ = t.kill(SIGRTMIN());
+            }
+            if control.wait_paused(threads.len(), Duration::from_micros(200)) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                control.resume();
+                return Err("vCPUs did not pause within 5 s".into());
+            }
+        }
+    }
+
+    fn handle_control(
+        &mut self,
+        cmd: control::Command,
+        control: &vcpu::VcpuControl,
+        threads: &[JoinHandle<()>],
+    ) -> control::Reply {
+        let state = |paused: bool| if paused { "paused" } else { "running" };
+        match cmd {
+            control::Command::Status => Ok(format!(
+                "{} vcpus={} mem_mib={} snapshot_dir={}",
+                state(control.is_paused()),
+                self.vcpus.len(),
+                self.mem_mib,
+                self.snapshot_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_else(|| "-".into())
+            )),
+            control::Command::Pause => {
+                if !control.is_paused() {
+                    self.pause_vcpus(control, threads)?;
+                }
+                Ok(state(true).into())
+            }
+            control::Command::Resume => {
+                control.resume();
+                Ok(state(false).into())
+            }
+            control::Command::Snapshot { dir, incremental } => {
+                let was_paused = control.is_paused();
+                let t0 = std::time::Instant::now();
+                if !was_paused {
+                    self.pause_vcpus(control, threads)?;
+                }
+                let staged = self.capture(&dir, incremental);
+                if !was_paused {
+                    control.resume();
+                }
+                let pause_us = t0.elapsed().as_micros();
+                let (state, staging) = staged?;
+                let pages = staging.pages.len();
+                let bytes = snapshot::write(&dir, &state, &staging).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "seq={} pages={pages} pause_us={pause_us} bytes={bytes}",
+                    state.seq
+                ))
+            }
+        }
+    }
+
+    /// With the vCPUs parked: saves CPU/VM/device state and copies the
+    /// pages for this snapshot into a staging buffer.
+    fn capture(
+        &mut self,
+        dir: &std::path::Path,
+        incremental: bool,
+    ) -> Result<(snapshot::MachineSnapshot, snapshot::Staging), String> {
+        if !self.mmio.is_empty() {
+            return Err("snapshots of VMs with virtio devices are not supported yet".into());
+        }
+        let seq = if incremental {
+            if self.snapshot_dir.as_deref() != Some(dir) {
+                return Err(snapshot::SnapshotError::NeedBase(dir.into()).to_string());
+            }
+            snapshot::next_seq(dir)
+        } else {
+            if snapshot::next_seq(dir) != 0 {
+                return Err(snapshot::SnapshotError::NotEmpty(dir.into()).to_string());
+            }
+            0
+        };
+        let msrs = remora_vmstate::msrs_to_save(&self.kvm).map_err(|e| e.to_string())?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for fd in &self.vcpus {
+            vcpus.push(remora_vmstate::save_vcpu(&mut lock(fd), &msrs).map_err(|e| e.to_string())?);
+        }
+        let vm = remora_vmstate::save_vm(&self.vm).map_err(|e| e.to_string())?;
+        let serial = lock(&self.serial).state();
+        let staging = if incremental {
+            let dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            snapshot::Staging::copy(&self.mem, &dirty, false)
+        } else {
+            // From the base on, KVM logs guest writes for the increments.
+            memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
+            let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            snapshot::Staging::copy(&self.mem, &snapshot::Staging::all_pages(&self.mem), true)
+        };
+        self.snapshot_dir = Some(dir.to_path_buf());
+        Ok((
+            snapshot::MachineSnapshot {
+                seq,
+                mem_mib: self.mem_mib,
+                vcpus,
+                vm,
+                serial,
+            },
+            staging,
+        ))
     }
 }

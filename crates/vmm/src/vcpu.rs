@@ -1,7 +1,7 @@
 //! vCPU set-up and the per-vCPU run loop.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_msr_entry, CpuId, Msrs};
@@ -76,6 +76,80 @@ pub struct Vcpu {
     pub fd: VcpuFd,
 }
 
+const RUN: u8 = 0;
+const PAUSE: u8 = 1;
+const STOP: u8 = 2;
+
+/// Run/pause/stop requests shared by the VMM and its vCPU threads. A vCPU
+/// thread looks at it after every exit; the VMM kicks threads out of
+/// KVM_RUN with a signal so they look.
+pub struct VcpuControl {
+    state: AtomicU8,
+    paused: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            state: AtomicU8::new(RUN),
+            paused: Mutex::new(0),
+            cv: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    /// Called by a vCPU thread between runs: returns at once when running,
+    /// blocks while paused, and returns false when the VM stops.
+    fn checkpoint(&self) -> bool {
+        match self.state.load(Ordering::Acquire) {
+            RUN => return true,
+            STOP => return false,
+            _ => {}
+        }
+        let mut paused = crate::devices::lock(&self.paused);
+        *paused += 1;
+        self.cv.notify_all();
+        while self.state.load(Ordering::Acquire) == PAUSE {
+            paused = self.cv.wait(paused).unwrap_or_else(|p| p.into_inner());
+        }
+        *paused -= 1;
+        self.cv.notify_all();
+        self.state.load(Ordering::Acquire) == RUN
+    }
+
+    pub fn request_pause(&self) {
+        self.state.store(PAUSE, Ordering::Release);
+    }
+
+    pub fn request_stop(&self) {
+        self.state.store(STOP, Ordering::Release);
+        let _g = crate::devices::lock(&self.paused);
+        self.cv.notify_all();
+    }
+
+    pub fn resume(&self) {
+        self.state.store(RUN, Ordering::Release);
+        let _g = crate::devices::lock(&self.paused);
+        self.cv.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.state.load(Ordering::Acquire) == PAUSE
+    }
+
+    /// Waits up to `timeout` until `n` vCPUs are parked; true if they are.
+    pub fn wait_paused(&self, n: usize, timeout: std::time::Duration) -> bool {
+        let g = crate::devices::lock(&self.paused);
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |p| *p < n)
+            .unwrap_or_else(|p| p.into_inner());
+        *g >= n
+    }
+}
+
 /// Sets a vCPU's CPUID, MSRs, LAPIC LINT pins and (for the boot CPU) its
 /// registers. APs wait for INIT/SIPI in the in-kernel LAPIC.
 pub fn configure(vcpu: &mut Vcpu, cpuid: &CpuId, mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(), VmError> {
@@ -130,18 +204,21 @@ fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
 /// Runs a vCPU until the VM stops (`stop` set and the thread kicked) or the
 /// vCPU faults; faults are reported on `events`.
 pub fn run_loop(
-    mut vcpu: Vcpu,
+    index: u8,
+    fd: Arc<Mutex<VcpuFd>>,
     mem: GuestMemoryMmap,
     (bus, mmio): (PioBus, MmioBus),
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
     events: EventSender,
 ) {
-    let index = vcpu.index;
     loop {
-        if stop.load(Ordering::Acquire) {
+        if !control.checkpoint() {
             return;
         }
-        let fault = match vcpu.fd.run() {
+        // Held only while in KVM_RUN and handling its exit, so the VMM can
+        // save the vCPU while it is parked in checkpoint().
+        let mut fd = crate::devices::lock(&fd);
+        let fault = match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if !bus.write(port, data) {
                     tracing::trace!(vcpu = index, port, "write to unclaimed port");
@@ -166,7 +243,7 @@ pub fn run_loop(
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
             Ok(VcpuExit::Shutdown) => {
-                let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
                 Some(VcpuFault::TripleFault { rip })
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -178,7 +255,7 @@ pub fn run_loop(
                 let _ = events.send(VmEvent::Device(ev));
                 None
             }
-            Ok(VcpuExit::InternalError) => Some(internal_error(&mut vcpu.fd, &mem)),
+            Ok(VcpuExit::InternalError) => Some(internal_error(&mut fd, &mem)),
             Ok(VcpuExit::FailEntry(reason, _)) => Some(VcpuFault::FailEntry { reason }),
             Ok(other) => Some(VcpuFault::Unexpected(format!("unhandled vCPU exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,

@@ -104,6 +104,10 @@ impl MmioBus {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+
     fn find(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
         self.windows
             .iter()

@@ -47,6 +47,49 @@ impl SerialConsole {
         }
     }
 
+    /// The UART's registers, for snapshots.
+    pub fn state(&self) -> crate::snapshot::SerialSnap {
+        let st = self.uart.state();
+        crate::snapshot::SerialSnap {
+            regs: [
+                st.baud_divisor_low,
+                st.baud_divisor_high,
+                st.interrupt_enable,
+                st.interrupt_identification,
+                st.line_control,
+                st.line_status,
+                st.modem_control,
+                st.modem_status,
+                st.scratch,
+            ],
+            in_buffer: st.in_buffer,
+        }
+    }
+
+    /// A console whose UART resumes from `snap`.
+    pub fn from_state(
+        snap: &crate::snapshot::SerialSnap,
+        irq: EventFd,
+        sink: Box<dyn Write + Send>,
+    ) -> io::Result<Self> {
+        let r = snap.regs;
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&st, IrqTrigger(irq), NoEvents, TxBuffer::default())
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(SerialConsole { uart, sink })
+    }
+
     /// Bytes typed by the user, for the guest to read. Returns how many
     /// fit in the receive FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {

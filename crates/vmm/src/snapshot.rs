@@ -1,0 +1,333 @@
+//! Snapshots on disk: a base and numbered increments in one directory.
+//!
+//! ```text
+//! DIR/0000.state  DIR/0000.mem    base: CPU/VM/device state, every non-zero page
+//! DIR/0001.state  DIR/0001.mem    increment: state, pages dirtied since 0000
+//! ...
+//! ```
+//! `.state` files use the versioned, checksummed container of
+//! `remora_vmstate::format`. `.mem` files are `magic | version | seq |
+//! page count | (gpa, 4 KiB page)* | crc32 of everything before`. Both are
+//! written to a temporary name, synced, then renamed, so a crash leaves
+//! either the whole file or none. Restore reads the base and every
+//! increment in order and refuses gaps, mismatches and corruption.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use remora_vmstate::{format, VcpuState, VmState};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
+
+const STATE_KIND: u32 = 1;
+const MEM_MAGIC: [u8; 8] = *b"REMORAMM";
+const MEM_VERSION: u32 = 1;
+
+/// The serial port's registers (vm-superio's SerialState, serializable).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SerialSnap {
+    pub regs: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
+/// Everything but memory.
+#[derive(Serialize, Deserialize)]
+pub struct MachineSnapshot {
+    pub seq: u32,
+    pub mem_mib: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialSnap,
+}
+
+/// Errors reading or writing snapshots.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot I/O on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Format { path: PathBuf, source: format::FormatError },
+    #[error("{path}: not a remora memory file, or a version this remora cannot read")]
+    MemHeader { path: PathBuf },
+    #[error("{path}: memory file is corrupt or truncated (checksum mismatch)")]
+    MemChecksum { path: PathBuf },
+    #[error("{path}: page {gpa:#x} is outside the guest's memory")]
+    PageOutside { path: PathBuf, gpa: u64 },
+    #[error("no base snapshot (0000.state) in {0}")]
+    NoBase(PathBuf),
+    #[error("snapshot {path} says it is number {found}, expected {expected}")]
+    Sequence { path: PathBuf, found: u32, expected: u32 },
+    #[error("{0} already holds snapshots; a base snapshot needs an empty or new directory")]
+    NotEmpty(PathBuf),
+    #[error("no base snapshot in {0}: take one (without --incremental) first")]
+    NeedBase(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn state_path(dir: &Path, seq: u32) -> PathBuf {
+    dir.join(format!("{seq:04}.state"))
+}
+
+pub fn mem_path(dir: &Path, seq: u32) -> PathBuf {
+    dir.join(format!("{seq:04}.mem"))
+}
+
+/// The number the next snapshot in `dir` gets (0 if none).
+pub fn next_seq(dir: &Path) -> u32 {
+    (0..).find(|s| !state_path(dir, *s).exists()).unwrap_or(0)
+}
+
+/// Pages copied out of guest memory while the vCPUs were paused.
+pub struct Staging {
+    /// (guest-physical address, offset into `data`)
+    pub pages: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl Staging {
+    /// Copies `pages` (guest-physical addresses of 4 KiB pages). With
+    /// `skip_zero`, pages that are all zero are left out (a restore starts
+    /// from zeroed memory).
+    pub fn copy(mem: &GuestMemoryMmap, pages: &[u64], skip_zero: bool) -> Staging {
+        let mut out = Staging {
+            pages: Vec::with_capacity(pages.len()),
+            data: Vec::with_capacity(pages.len() * PAGE_SIZE as usize),
+        };
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for &gpa in pages {
+            if mem.read_slice(&mut page, GuestAddress(gpa)).is_err() {
+                continue;
+            }
+            if skip_zero && page.iter().all(|b| *b == 0) {
+                continue;
+            }
+            out.pages.push(gpa);
+            out.data.extend_from_slice(&page);
+        }
+        out
+    }
+
+    /// Every page of guest memory.
+    pub fn all_pages(mem: &GuestMemoryMmap) -> Vec<u64> {
+        mem.iter()
+            .flat_map(|r| {
+                let base = r.start_addr().0;
+                (0..r.len() / PAGE_SIZE).map(move |i| base + i * PAGE_SIZE)
+            })
+            .collect()
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> Result<(), SnapshotError> {
+    let tmp = path.with_extension("tmp");
+    let f = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    write(&mut w).map_err(io_err(&tmp))?;
+    let f = w.into_inner().map_err(|e| SnapshotError::Io {
+        path: tmp.clone(),
+        source: e.into_error(),
+    })?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// A `Write` that also feeds a CRC32.
+struct Crc<'a, W: Write>(&'a mut W, crc32fast::Hasher);
+impl<W: Write> Write for Crc<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(b)?;
+        self.1.update(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Writes snapshot `state.seq` (state and staged pages) into `dir`.
+pub fn write(dir: &Path, state: &MachineSnapshot, staging: &Staging) -> Result<u64, SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let seq = state.seq;
+    let mpath = mem_path(dir, seq);
+    write_atomic(&mpath, |w| {
+        let mut c = Crc(w, crc32fast::Hasher::new());
+        c.write_all(&MEM_MAGIC)?;
+        c.write_all(&MEM_VERSION.to_le_bytes())?;
+        c.write_all(&seq.to_le_bytes())?;
+        c.write_all(&(staging.pages.len() as u64).to_le_bytes())?;
+        for (i, gpa) in staging.pages.iter().enumerate() {
+            c.write_all(&gpa.to_le_bytes())?;
+            let at = i * PAGE_SIZE as usize;
+            c.write_all(&staging.data[at..at + PAGE_SIZE as usize])?;
+        }
+        let crc = c.1.finalize();
+        w.write_all(&crc.to_le_bytes())
+    })?;
+    let spath = state_path(dir, seq);
+    let bytes = format::encode(STATE_KIND, state).map_err(|source| SnapshotError::Format {
+        path: spath.clone(),
+        source,
+    })?;
+    // The state file is written last: its presence marks a complete snapshot.
+    write_atomic(&spath, |w| w.write_all(&bytes))?;
+    Ok(staging.pages.len() as u64 * PAGE_SIZE + bytes.len() as u64)
+}
+
+/// Applies one memory file to `mem`; returns the number of pages.
+fn apply_mem(path: &Path, seq: u32, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut crc = crc32fast::Hasher::new();
+    let mut hdr = [0u8; 24];
+    r.read_exact(&mut hdr)
+        .map_err(|_| SnapshotError::MemHeader { path: path.into() })?;
+    crc.update(&hdr);
+    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    if hdr[..8] != MEM_MAGIC || u32_at(&hdr, 8) != MEM_VERSION || u32_at(&hdr, 12) != seq {
+        return Err(SnapshotError::MemHeader { path: path.into() });
+    }
+    let mut cnt = [0u8; 8];
+    cnt.copy_from_slice(&hdr[16..24]);
+    let count = u64::from_le_bytes(cnt);
+    // The size must match before anything is applied: a torn file is refused whole.
+    if count.checked_mul(8 + PAGE_SIZE).and_then(|b| b.checked_add(24 + 4)) != Some(len) {
+        return Err(SnapshotError::MemChecksum { path: path.into() });
+    }
+    // Verify first, then apply: read twice rather than apply a corrupt file.
+    let mut rec = vec![0u8; 8 + PAGE_SIZE as usize];
+    for _ in 0..count {
+        r.read_exact(&mut rec).map_err(io_err(path))?;
+        crc.update(&rec);
+    }
+    let mut tail = [0u8; 4];
+    r.read_exact(&mut tail).map_err(io_err(path))?;
+    if crc.finalize() != u32::from_le_bytes(tail) {
+        return Err(SnapshotError::MemChecksum { path: path.into() });
+    }
+    let f = File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    r.read_exact(&mut hdr).map_err(io_err(path))?;
+    for _ in 0..count {
+        r.read_exact(&mut rec).map_err(io_err(path))?;
+        let mut g = [0u8; 8];
+        g.copy_from_slice(&rec[..8]);
+        let gpa = u64::from_le_bytes(g);
+        mem.write_slice(&rec[8..], GuestAddress(gpa))
+            .map_err(|_| SnapshotError::PageOutside { path: path.into(), gpa })?;
+    }
+    Ok(count)
+}
+
+/// Reads the state file `seq` of `dir`.
+pub fn read_state(dir: &Path, seq: u32) -> Result<MachineSnapshot, SnapshotError> {
+    let path = state_path(dir, seq);
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let s: MachineSnapshot = format::decode(STATE_KIND, &bytes).map_err(|source| SnapshotError::Format {
+        path: path.clone(),
+        source,
+    })?;
+    if s.seq != seq {
+        return Err(SnapshotError::Sequence {
+            path,
+            found: s.seq,
+            expected: seq,
+        });
+    }
+    Ok(s)
+}
+
+/// The newest snapshot's state and the number of snapshots in `dir`.
+pub fn latest(dir: &Path) -> Result<(MachineSnapshot, u32), SnapshotError> {
+    let n = next_seq(dir);
+    if n == 0 {
+        return Err(SnapshotError::NoBase(dir.into()));
+    }
+    Ok((read_state(dir, n - 1)?, n))
+}
+
+/// Fills `mem` from the base and all `n` snapshots' memory files, in order.
+pub fn load_memory(dir: &Path, n: u32, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
+    let mut pages = 0;
+    for seq in 0..n {
+        pages += apply_mem(&mem_path(dir, seq), seq, mem)?;
+    }
+    Ok(pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("remora-snap-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn memory_files_round_trip_and_corruption_is_refused() {
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(0x1234u16, GuestAddress(0x80_0ff0)).unwrap();
+        let staged = Staging::copy(&mem, &Staging::all_pages(&mem), true);
+        assert_eq!(staged.pages, vec![0x5000, 0x80_0000], "only non-zero pages");
+        let d = dir("mem");
+        std::fs::create_dir_all(&d).unwrap();
+        let path = mem_path(&d, 0);
+        write_atomic(&path, |w| {
+            let mut c = Crc(w, crc32fast::Hasher::new());
+            c.write_all(&MEM_MAGIC)?;
+            c.write_all(&MEM_VERSION.to_le_bytes())?;
+            c.write_all(&0u32.to_le_bytes())?;
+            c.write_all(&(staged.pages.len() as u64).to_le_bytes())?;
+            for (i, gpa) in staged.pages.iter().enumerate() {
+                c.write_all(&gpa.to_le_bytes())?;
+                c.write_all(&staged.data[i * 4096..(i + 1) * 4096])?;
+            }
+            let crc = c.1.finalize();
+            w.write_all(&crc.to_le_bytes())
+        })
+        .unwrap();
+        let fresh = crate::memory::create_guest_memory(16).unwrap();
+        assert_eq!(apply_mem(&path, 0, &fresh).unwrap(), 2);
+        assert_eq!(fresh.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xdead_beef);
+        assert_eq!(fresh.read_obj::<u16>(GuestAddress(0x80_0ff0)).unwrap(), 0x1234);
+        // A flipped bit or a torn tail: refused, and nothing applied.
+        let good = std::fs::read(&path).unwrap();
+        for (i, cut) in [(100usize, false), (good.len() - 2, true)] {
+            let mut bad = good.clone();
+            if cut {
+                bad.truncate(i);
+            } else {
+                bad[i] ^= 1;
+            }
+            std::fs::write(&path, &bad).unwrap();
+            let target = crate::memory::create_guest_memory(16).unwrap();
+            assert!(apply_mem(&path, 0, &target).is_err());
+            assert_eq!(
+                target.read_obj::<u32>(GuestAddress(0x5000)).unwrap(),
+                0,
+                "corrupt file applied"
+            );
+        }
+        assert!(matches!(
+            apply_mem(&path, 1, &fresh),
+            Err(SnapshotError::MemHeader { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
