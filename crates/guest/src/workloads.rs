@@ -1,0 +1,86 @@
+//! The workloads named by `workload=` (see `cmdline`).
+
+use core::arch::asm;
+use core::sync::atomic::Ordering;
+
+use crate::cmdline::Workload;
+use crate::power::Power;
+use crate::say;
+use crate::smp::{self, Job, Lapic};
+use crate::sys;
+use crate::time;
+
+/// What the workloads may use.
+pub struct Machine<'a> {
+    pub power: &'a Power,
+    pub lapic: &'a Lapic,
+    /// RAM in the memory map, in KiB.
+    pub mem_kib: u64,
+}
+
+/// Runs the workloads in order, then powers off.
+pub fn run(m: &Machine<'_>, workloads: &[Workload<'_>]) -> ! {
+    for w in workloads {
+        match *w {
+            Workload::Info => say!("cpus={} mem_kib={}", smp::online(), m.mem_kib),
+            Workload::Reboot => m.power.reset(),
+            Workload::Panic => sys::triple_fault(),
+            Workload::Fault => invalid_opcode(),
+            Workload::Compute { iters } => compute(m, iters),
+            Workload::Unknown(name) => {
+                say!("error: unknown workload '{}'", name);
+                break;
+            }
+        }
+    }
+    m.power.poweroff()
+}
+
+/// Raises #UD in ring 3; the shim reports it and triple-faults.
+fn invalid_opcode() -> ! {
+    // SAFETY: ud2 only raises #UD, which the shim's handler turns into a
+    // console line and a triple fault; nothing returns here.
+    unsafe { asm!("ud2", options(noreturn, nomem, nostack)) }
+}
+
+/// Runs `iters` iterations of `dec; jnz` on one register: the inner loop of
+/// the `compute` workload. A host-side test (the workspace's
+/// `tests/guest_boot.rs`) runs the identical instruction sequence on the
+/// host to compare cycles per iteration with the guest's ring 3.
+#[inline(never)]
+pub fn spin(iters: u64) {
+    if iters == 0 {
+        return;
+    }
+    // SAFETY: the loop only counts a register down to zero.
+    unsafe {
+        asm!("2:", "dec {n}", "jnz 2b", n = inout(reg) iters => _, options(nomem, nostack));
+    }
+}
+
+/// One CPU's part of `compute`: TSC cycles for [`spin`]`(iters)`.
+fn compute_on_cpu(_cpu: u32, iters: u64) -> u64 {
+    let t0 = time::rdtsc_fenced();
+    spin(iters);
+    let t1 = time::rdtsc_fenced();
+    t1.wrapping_sub(t0)
+}
+
+/// `compute:N`: every CPU spins N iterations; prints the slowest CPU's
+/// cycles per iteration with three decimals.
+fn compute(m: &Machine<'_>, iters: u64) {
+    let results = smp::run_on_all(
+        m.lapic,
+        Job {
+            func: compute_on_cpu,
+            arg: iters,
+        },
+    );
+    let slowest = results.iter().map(|r| r.load(Ordering::Relaxed)).max().unwrap_or(0);
+    // Rounded to 1/1000 of a cycle, in integers.
+    let milli = match iters {
+        0 => 0,
+        n => (u128::from(slowest) * 1000 + u128::from(n) / 2) / u128::from(n),
+    };
+    say!("compute cycles_per_iter={}.{:03}", milli / 1000, milli % 1000);
+}

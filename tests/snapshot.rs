@@ -1,0 +1,137 @@
+//! Snapshots through the control socket, and restore in a new process.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn tmp(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("remora-snaptest-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(remora_bin())
+        .arg("ctl")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Starts the guest computing for several seconds on 2 vCPUs with a
+/// control socket; returns it once the guest runs.
+fn start_long_compute(sock: &Path) -> Running {
+    let guest = guest_bin();
+    let mut r = spawn_remora(&[
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "workload=compute:6000000000",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    r.wait_line("remora-guest", Duration::from_secs(10))
+        .expect("guest booted");
+    r
+}
+
+#[test]
+fn base_and_increments_restore_in_a_new_process() {
+    require_kvm();
+    let (sock, dir) = (tmp("sock"), tmp("dir"));
+    let r = start_long_compute(&sock);
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap()]);
+    assert!(ok, "base snapshot: {out}");
+    assert!(out.contains("seq=0"), "{out}");
+    for i in 1..=5 {
+        std::thread::sleep(Duration::from_millis(150));
+        let (ok, out) = ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap(), "--incremental"]);
+        assert!(ok && out.contains(&format!("seq={i}")), "increment {i}: {out}");
+    }
+    // The first VMM dies without warning.
+    r.signal(libc::SIGKILL);
+    let first = r.finish(Duration::from_secs(5));
+    first.check(!first.status.success(), "first VMM should have been killed");
+    first.check(
+        first.line("compute cycles_per_iter").is_none(),
+        "finished before the kill: test too short",
+    );
+
+    let run = run_remora(
+        &["restore", "--snapshot", dir.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    run.check(run.status.success(), "restored VM did not finish cleanly");
+    run.check(
+        run.line("remora-guest: compute cycles_per_iter=").is_some(),
+        "restored guest did not finish its computation",
+    );
+    run.check(
+        run.stderr.contains("guest powered off"),
+        "restored guest did not power off",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn corrupt_or_incomplete_snapshots_are_refused() {
+    require_kvm();
+    let (sock, dir) = (tmp("sock2"), tmp("dir2"));
+    let r = start_long_compute(&sock);
+    // An increment needs a base; a base needs an empty directory.
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap(), "--incremental"]);
+    assert!(!ok && out.contains("no base snapshot"), "{out}");
+    assert!(ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap()]).0);
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap()]);
+    assert!(!ok && out.contains("already holds snapshots"), "{out}");
+    assert!(ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap(), "--incremental"]).0);
+    let (ok, out) = ctl(&sock, &["pause"]);
+    assert!(ok && out.contains("paused"), "{out}");
+    let (ok, out) = ctl(&sock, &["status"]);
+    assert!(ok && out.starts_with("paused vcpus=2"), "{out}");
+    assert!(ctl(&sock, &["resume"]).0);
+    r.signal(libc::SIGKILL);
+    let _ = r.finish(Duration::from_secs(5));
+
+    // A flipped bit in the page data of the base: refused with a clear error.
+    let mem1 = dir.join("0000.mem");
+    let mut bytes = std::fs::read(&mem1).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&mem1, &bytes).unwrap();
+    let run = run_remora(
+        &["restore", "--snapshot", dir.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    run.check(!run.status.success(), "a corrupt snapshot was restored");
+    let errors = run.error_lines();
+    run.check(
+        errors.len() == 1 && errors[0].contains("checksum mismatch"),
+        "expected one error naming the checksum",
+    );
+    // A missing directory.
+    let run = run_remora(&["restore", "--snapshot", "/nonexistent/snap"], Duration::from_secs(30));
+    run.check(
+        !run.status.success() && run.error_lines().iter().any(|l| l.contains("no base snapshot")),
+        "expected a clear error for a missing snapshot",
+    );
+    // The control socket of a VM that is gone.
+    let (ok, out) = ctl(&sock, &["status"]);
+    assert!(!ok && out.contains("cannot reach the VM"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
