@@ -45,6 +45,12 @@ struct RestoreArgs {
     /// Serve control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// The VM's disks, as given to `remora run` (same order).
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<remora_vmm::DiskConfig>,
+    /// The VM's network interfaces, as given to `remora run` (same order).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<remora_vmm::NetConfig>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -214,6 +220,8 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         snapshot: args.snapshot,
         kvm_path: args.kvm,
         console: Box::new(std::io::stdout()),
+        disks: args.disk,
+        nets: args.net,
     })?;
     if let Some(p) = args.control {
         vmm.set_control_socket(p);

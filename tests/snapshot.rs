@@ -30,9 +30,9 @@ fn ctl(sock: &Path, args: &[&str]) -> (bool, String) {
 
 /// Starts the guest computing for several seconds on 2 vCPUs with a
 /// control socket; returns it once the guest runs.
-fn start_long_compute(sock: &Path) -> Running {
+fn start_long_compute(sock: &Path, extra: &[&str]) -> Running {
     let guest = guest_bin();
-    let mut r = spawn_remora(&[
+    let mut args = vec![
         "run",
         "--kernel",
         guest.to_str().unwrap(),
@@ -44,7 +44,9 @@ fn start_long_compute(sock: &Path) -> Running {
         "64",
         "--control",
         sock.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut r = spawn_remora(&args);
     r.wait_line("remora-guest", Duration::from_secs(10))
         .expect("guest booted");
     r
@@ -53,8 +55,10 @@ fn start_long_compute(sock: &Path) -> Running {
 #[test]
 fn base_and_increments_restore_in_a_new_process() {
     require_kvm();
-    let (sock, dir) = (tmp("sock"), tmp("dir"));
-    let r = start_long_compute(&sock);
+    let (sock, dir, disk) = (tmp("sock"), tmp("dir"), tmp("disk.img"));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = disk.to_str().unwrap();
+    let r = start_long_compute(&sock, &["--disk", disk_arg]);
     let (ok, out) = ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap()]);
     assert!(ok, "base snapshot: {out}");
     assert!(out.contains("seq=0"), "{out}");
@@ -72,8 +76,21 @@ fn base_and_increments_restore_in_a_new_process() {
         "finished before the kill: test too short",
     );
 
+    // The device list must match the snapshot's.
     let run = run_remora(
         &["restore", "--snapshot", dir.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    run.check(
+        !run.status.success()
+            && run
+                .error_lines()
+                .iter()
+                .any(|l| l.contains("the snapshot has 1 virtio devices, the command line gives 0")),
+        "restoring without the VM's disk must be refused",
+    );
+    let run = run_remora(
+        &["restore", "--snapshot", dir.to_str().unwrap(), "--disk", disk_arg],
         Duration::from_secs(60),
     );
     run.check(run.status.success(), "restored VM did not finish cleanly");
@@ -86,13 +103,14 @@ fn base_and_increments_restore_in_a_new_process() {
         "restored guest did not power off",
     );
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&disk);
 }
 
 #[test]
 fn corrupt_or_incomplete_snapshots_are_refused() {
     require_kvm();
     let (sock, dir) = (tmp("sock2"), tmp("dir2"));
-    let r = start_long_compute(&sock);
+    let r = start_long_compute(&sock, &[]);
     // An increment needs a base; a base needs an empty directory.
     let (ok, out) = ctl(&sock, &["snapshot", "--out", dir.to_str().unwrap(), "--incremental"]);
     assert!(!ok && out.contains("no base snapshot"), "{out}");

@@ -190,6 +190,68 @@ pub struct RestoreConfig {
     pub snapshot: PathBuf,
     pub kvm_path: PathBuf,
     pub console: Box<dyn Write + Send>,
+    /// The VM's devices, as given to `remora run` (same kinds, same order;
+    /// paths and TAP names may differ).
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+}
+
+/// Opens the virtio devices: nets first, then disks, in command-line order.
+fn open_virtio(
+    nets: &[NetConfig],
+    disks: &[DiskConfig],
+) -> Result<Vec<Box<dyn devices::virtio::VirtioDevice>>, VmError> {
+    let mut virtio: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
+    for n in nets {
+        virtio.push(Box::new(devices::virtio::net::Net::open(n)?));
+    }
+    for d in disks {
+        virtio.push(Box::new(devices::virtio::block::Block::open(&d.path, d.read_only)?));
+    }
+    if virtio.len() > layout::MAX_VIRTIO_DEVICES {
+        return Err(VmError::TooManyDevices(virtio.len()));
+    }
+    Ok(virtio)
+}
+
+/// The MMIO windows and interrupts of `n` virtio devices.
+fn virtio_windows(n: usize) -> Vec<acpi::MmioDevice> {
+    (0..n)
+        .map(|i| acpi::MmioDevice {
+            addr: layout::VIRTIO_MMIO_BASE + i as u64 * devices::virtio::mmio::MMIO_WINDOW,
+            len: devices::virtio::mmio::MMIO_WINDOW as u32,
+            gsi: layout::VIRTIO_GSI_BASE + i as u32,
+        })
+        .collect()
+}
+
+/// Puts each device behind a virtio-mmio transport (fresh, or restored
+/// from `snaps`) with an irqfd for its interrupt and an ioeventfd per queue.
+fn attach_virtio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: Vec<Box<dyn devices::virtio::VirtioDevice>>,
+    snaps: Option<&[devices::virtio::mmio::TransportSnap]>,
+) -> Result<MmioBus, VmError> {
+    use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+    let windows = virtio_windows(devices.len());
+    let mut out = Vec::new();
+    for (i, (dev, w)) in devices.into_iter().zip(&windows).enumerate() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&irq, w.gsi).map_err(VmError::kvm("KVM_IRQFD"))?;
+        let t = match snaps.and_then(|s| s.get(i)) {
+            Some(snap) => MmioTransport::restore(dev, mem.clone(), irq, snap),
+            None => MmioTransport::new(dev, mem.clone(), irq),
+        }
+        .map_err(VmError::Setup)?;
+        for (qi, evt) in t.queue_evts().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(w.addr + QUEUE_NOTIFY);
+            vm.register_ioevent(evt, &addr, qi as u32)
+                .map_err(VmError::kvm("KVM_IOEVENTFD"))?;
+        }
+        out.push((w.addr, u64::from(w.len), Arc::new(Mutex::new(t))));
+    }
+    Ok(MmioBus::new(out))
 }
 
 /// A VM with its in-kernel irqchip and PIT.
@@ -276,24 +338,9 @@ impl Vmm {
         memory::register_memory(&vm, &mem, false).map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
 
         // Devices are opened before anything else touches the guest, so a
-        // bad --disk is reported before boot.
-        let mut virtio: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
-        for n in &config.nets {
-            virtio.push(Box::new(devices::virtio::net::Net::open(n)?));
-        }
-        for d in &config.disks {
-            virtio.push(Box::new(devices::virtio::block::Block::open(&d.path, d.read_only)?));
-        }
-        if virtio.len() > layout::MAX_VIRTIO_DEVICES {
-            return Err(VmError::TooManyDevices(virtio.len()));
-        }
-        let windows: Vec<acpi::MmioDevice> = (0..virtio.len())
-            .map(|i| acpi::MmioDevice {
-                addr: layout::VIRTIO_MMIO_BASE + i as u64 * devices::virtio::mmio::MMIO_WINDOW,
-                len: devices::virtio::mmio::MMIO_WINDOW as u32,
-                gsi: layout::VIRTIO_GSI_BASE + i as u32,
-            })
-            .collect();
+        // bad --disk or --net is reported before boot.
+        let virtio = open_virtio(&config.nets, &config.disks)?;
+        let windows = virtio_windows(virtio.len());
         let rsdp = acpi::create_acpi_tables(&mem, nvcpus, &windows)?;
         let entry = boot::load_kernel(
             &mem,
@@ -309,19 +356,7 @@ impl Vmm {
         let (events_tx, events_rx) = channel();
         let (bus, serial) = legacy_devices(&vm, &events_tx, config.console, None)?;
 
-        let mut mmio_windows = Vec::new();
-        for (dev, w) in virtio.into_iter().zip(&windows) {
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
-            vm.register_irqfd(&irq, w.gsi).map_err(VmError::kvm("KVM_IRQFD"))?;
-            let t = devices::virtio::mmio::MmioTransport::new(dev, mem.clone(), irq).map_err(VmError::Setup)?;
-            for (qi, evt) in t.queue_evts().iter().enumerate() {
-                let addr = IoEventAddress::Mmio(w.addr + devices::virtio::mmio::QUEUE_NOTIFY);
-                vm.register_ioevent(evt, &addr, qi as u32)
-                    .map_err(VmError::kvm("KVM_IOEVENTFD"))?;
-            }
-            mmio_windows.push((w.addr, u64::from(w.len), Arc::new(Mutex::new(t))));
-        }
-        let mmio = MmioBus::new(mmio_windows);
+        let mmio = attach_virtio(&vm, &mem, virtio, None)?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -370,6 +405,14 @@ impl Vmm {
                 max,
             });
         }
+        let virtio = open_virtio(&cfg.nets, &cfg.disks)?;
+        if virtio.len() != state.devices.len() {
+            return Err(VmError::Setup(format!(
+                "the snapshot has {} virtio devices, the command line gives {}: pass the same --net/--disk options as to 'remora run'",
+                state.devices.len(),
+                virtio.len()
+            )));
+        }
         let mem = memory::create_guest_memory(state.mem_mib)?;
         let pages = snapshot::load_memory(dir, count, &mem)?;
         // Loading is not guest activity: start the next chain clean.
@@ -387,6 +430,7 @@ impl Vmm {
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         remora_vmstate::restore_vm(&vm, &state.vm)?;
+        let mmio = attach_virtio(&vm, &mem, virtio, Some(&state.devices))?;
         tracing::info!(snapshots = count, pages, vcpus = vcpus.len(), "VM restored");
         Ok(Vmm {
             kvm,
@@ -395,7 +439,7 @@ impl Vmm {
             mem_mib: state.mem_mib,
             vcpus,
             bus,
-            mmio: MmioBus::default(),
+            mmio,
             serial,
             events_tx,
             events_rx,
@@ -551,9 +595,6 @@ impl Vmm {
         dir: &std::path::Path,
         incremental: bool,
     ) -> Result<(snapshot::MachineSnapshot, snapshot::Staging), String> {
-        if !self.mmio.is_empty() {
-            return Err("snapshots of VMs with virtio devices are not supported yet".into());
-        }
         let seq = if incremental {
             if self.snapshot_dir.as_deref() != Some(dir) {
                 return Err(snapshot::SnapshotError::NeedBase(dir.into()).to_string());
@@ -572,15 +613,12 @@ impl Vmm {
         }
         let vm = remora_vmstate::save_vm(&self.vm).map_err(|e| e.to_string())?;
         let serial = lock(&self.serial).state();
-        let staging = if incremental {
-            let dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
-            snapshot::Staging::copy(&self.mem, &dirty, false)
-        } else {
-            // From the base on, KVM logs guest writes for the increments.
-            memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
-            let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
-            snapshot::Staging::copy(&self.mem, &snapshot::Staging::all_pages(&self.mem), true)
-        };
+        // Device workers park between requests for the same cut; they
+        // resume once the pages are staged.
+        let devices = self.mmio.pause_all();
+        let staging = self.stage_pages(incremental);
+        self.mmio.resume_all();
+        let staging = staging?;
         self.snapshot_dir = Some(dir.to_path_buf());
         Ok((
             snapshot::MachineSnapshot {
@@ -589,8 +627,22 @@ impl Vmm {
                 vcpus,
                 vm,
                 serial,
+                devices,
             },
             staging,
         ))
+    }
+
+    /// Copies this snapshot's pages (all for a base, dirty for an increment).
+    fn stage_pages(&self, incremental: bool) -> Result<snapshot::Staging, String> {
+        Ok(if incremental {
+            let dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            snapshot::Staging::copy(&self.mem, &dirty, false)
+        } else {
+            // From the base on, KVM logs guest writes for the increments.
+            memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
+            let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            snapshot::Staging::copy(&self.mem, &snapshot::Staging::all_pages(&self.mem), true)
+        })
     }
 }

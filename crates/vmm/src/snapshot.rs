@@ -41,6 +41,8 @@ pub struct MachineSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialSnap,
+    /// virtio transports in device order (nets, then disks).
+    pub devices: Vec<crate::devices::virtio::mmio::TransportSnap>,
 }
 
 /// Errors reading or writing snapshots.

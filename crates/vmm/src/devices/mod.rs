@@ -108,6 +108,17 @@ impl MmioBus {
         self.windows.is_empty()
     }
 
+    /// Parks every device's worker; returns the transports' states in order.
+    pub fn pause_all(&self) -> Vec<virtio::mmio::TransportSnap> {
+        self.windows.iter().map(|(_, _, t)| lock(t).pause()).collect()
+    }
+
+    pub fn resume_all(&self) {
+        for (_, _, t) in self.windows.iter() {
+            lock(t).resume();
+        }
+    }
+
     fn find(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
         self.windows
             .iter()

@@ -6,7 +6,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -45,7 +44,7 @@ pub struct Block {
     read_only: bool,
     sectors: u64,
     id: [u8; ID_LEN],
-    worker: Option<(JoinHandle<()>, Arc<AtomicBool>, EventFd)>,
+    worker: Option<(JoinHandle<()>, Arc<worker::WorkerCtl>)>,
 }
 
 impl Block {
@@ -242,35 +241,40 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, mut act: Activation) -> Result<(), String> {
         let (mut q, evt) = act.queues.pop().ok_or("virtio-blk needs one queue")?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let stop_evt2 = stop_evt.try_clone().map_err(|e| e.to_string())?;
+        let ctl = Arc::new(worker::WorkerCtl::new().map_err(|e| e.to_string())?);
         let (file, ro, sectors, id) = (self.file.clone(), self.read_only, self.sectors, self.id);
-        let (mem, interrupt, stop2) = (act.mem, act.interrupt, stop.clone());
+        let (mem, interrupt, ctl2) = (act.mem, act.interrupt, ctl.clone());
         let t = std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || {
-                while !stop2.load(Ordering::Acquire) {
-                    if !wait_readable(&evt, &stop_evt2) {
-                        continue;
-                    }
-                    if drain_queue(&mut q, &mem, &file, ro, sectors, &id) {
-                        interrupt.signal_used();
-                    }
+            .spawn(move || loop {
+                if wait_readable(&evt, &ctl2.wake) && drain_queue(&mut q, &mem, &file, ro, sectors, &id) {
+                    interrupt.signal_used();
+                }
+                if !ctl2.checkpoint(&[&q]) {
+                    return;
                 }
             })
             .map_err(|e| e.to_string())?;
-        self.worker = Some((t, stop, stop_evt));
+        self.worker = Some((t, ctl));
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let Some((t, stop, evt)) = self.worker.take() {
-            stop.store(true, Ordering::Release);
-            let _ = evt.write(1);
+        if let Some((t, ctl)) = self.worker.take() {
+            ctl.stop();
             let _ = t.join();
         }
         true
+    }
+
+    fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
+        self.worker.as_ref().map(|(_, ctl)| ctl.pause())
+    }
+
+    fn resume(&mut self) {
+        if let Some((_, ctl)) = &self.worker {
+            ctl.resume();
+        }
     }
 }
 
@@ -280,8 +284,8 @@ impl Drop for Block {
     }
 }
 
-/// Blocks until `evt` (consumed) or `stop` fires; true if `evt` fired.
-fn wait_readable(evt: &EventFd, stop: &EventFd) -> bool {
+/// Blocks until `evt` (consumed) or `wake` fires; true if `evt` fired.
+fn wait_readable(evt: &EventFd, wake: &EventFd) -> bool {
     use std::os::fd::AsRawFd;
     let mut fds = [
         libc::pollfd {
@@ -290,7 +294,7 @@ fn wait_readable(evt: &EventFd, stop: &EventFd) -> bool {
             revents: 0,
         },
         libc::pollfd {
-            fd: stop.as_raw_fd(),
+            fd: wake.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         },

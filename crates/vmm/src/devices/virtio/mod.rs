@@ -3,6 +3,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -94,6 +95,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         false
     }
+    /// Parks the device's worker between requests and returns the state of
+    /// the queues it owns (`None` if the device is not active).
+    fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
+        None
+    }
+    /// Lets a paused worker continue.
+    fn resume(&mut self) {}
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling past the end.

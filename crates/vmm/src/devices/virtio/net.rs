@@ -99,7 +99,7 @@ pub fn default_mac(tap: &str) -> [u8; 6] {
 pub struct Net {
     io: Option<Box<dyn FrameIo>>,
     mac: [u8; 6],
-    worker: Option<(JoinHandle<()>, EventFd)>,
+    worker: Option<(JoinHandle<()>, Arc<worker::WorkerCtl>)>,
 }
 
 impl Net {
@@ -173,8 +173,8 @@ impl VirtioDevice for Net {
         let mut queues = act.queues.into_iter();
         let (rx, rx_evt) = queues.next().ok_or("virtio-net needs an RX queue")?;
         let (tx, tx_evt) = queues.next().ok_or("virtio-net needs a TX queue")?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let stop2 = stop.try_clone().map_err(|e| e.to_string())?;
+        let ctl = Arc::new(worker::WorkerCtl::new().map_err(|e| e.to_string())?);
+        let ctl2 = ctl.clone();
         let mut w = NetWorker {
             mem: act.mem,
             rx,
@@ -189,20 +189,30 @@ impl VirtioDevice for Net {
         let t = std::thread::Builder::new()
             .name("virtio-net".into())
             .spawn(move || {
-                if let Err(e) = w.run(&rx_evt, &tx_evt, &stop2) {
+                if let Err(e) = w.run(&rx_evt, &tx_evt, &ctl2) {
                     tracing::error!("virtio-net worker stopped: {e}");
                 }
             })
             .map_err(|e| e.to_string())?;
-        self.worker = Some((t, stop));
+        self.worker = Some((t, ctl));
         Ok(())
+    }
+
+    fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
+        self.worker.as_ref().map(|(_, ctl)| ctl.pause())
+    }
+
+    fn resume(&mut self) {
+        if let Some((_, ctl)) = &self.worker {
+            ctl.resume();
+        }
     }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
-        if let Some((t, stop)) = self.worker.take() {
-            let _ = stop.write(1);
+        if let Some((t, ctl)) = self.worker.take() {
+            ctl.stop();
             let _ = t.join();
         }
     }
@@ -236,7 +246,7 @@ pub struct NetWorker {
 const EV_RX: u64 = 1;
 const EV_TX: u64 = 2;
 const EV_IO: u64 = 3;
-const EV_STOP: u64 = 4;
+const EV_CTL: u64 = 4;
 
 impl NetWorker {
     pub fn new(
@@ -260,7 +270,7 @@ impl NetWorker {
         }
     }
 
-    fn run(&mut self, rx_evt: &EventFd, tx_evt: &EventFd, stop: &EventFd) -> io::Result<()> {
+    fn run(&mut self, rx_evt: &EventFd, tx_evt: &EventFd, ctl: &worker::WorkerCtl) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let ep = Epoll::new()?;
         ep.ctl(
@@ -275,8 +285,8 @@ impl NetWorker {
         )?;
         ep.ctl(
             ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, EV_STOP),
+            ctl.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, EV_CTL),
         )?;
         let io_fd = self.io.raw_fd();
         let mut io_events = EventSet::IN;
@@ -294,7 +304,11 @@ impl NetWorker {
             let mut do_tx = tx_state == TxState::Down && n == 0;
             for ev in &events[..n] {
                 match ev.data() {
-                    EV_STOP => return Ok(()),
+                    EV_CTL => {
+                        if !ctl.checkpoint(&[&self.rx, &self.tx]) {
+                            return Ok(());
+                        }
+                    }
                     EV_RX => {
                         let _ = rx_evt.read();
                         do_rx = true;
