@@ -642,7 +642,7 @@ impl Vmm {
             // From the base on, KVM logs guest writes for the increments.
             memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
             let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
-            snapshot::Staging::copy(&self.mem, &snapshot::Staging::all_pages(&self.mem), true)
+            snapshot::Staging::copy(&self.mem, &snapshot::Staging::populated_pages(&self.mem), true)
         })
     }
 }
