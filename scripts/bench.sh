@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 case "${1:-}" in
-    boot) cargo build --release --quiet && cargo bench --quiet --bench boot ;;
-    *) echo "usage: scripts/bench.sh boot" >&2; exit 2 ;;
+    boot|snapshot) cargo build --release --quiet && cargo bench --quiet --bench "$1" ;;
+    *) echo "usage: scripts/bench.sh boot|snapshot" >&2; exit 2 ;;
 esac
