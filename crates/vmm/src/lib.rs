@@ -372,20 +372,14 @@ impl Vmm {
             vcpus.push(Arc::new(Mutex::new(v.fd)));
         }
         tracing::info!(vcpus = nvcpus, mem_mib = config.mem_mib, mode = ?entry.mode, entry = entry.entry_addr, "VM built");
-        Ok(Vmm {
+        Ok(Vmm::assemble(
             kvm,
             vm,
-            mem,
-            mem_mib: config.mem_mib,
+            (mem, config.mem_mib),
             vcpus,
-            bus,
-            mmio,
-            serial,
-            events_tx,
-            events_rx,
-            control_path: None,
-            snapshot_dir: None,
-        })
+            (bus, mmio, serial),
+            (events_tx, events_rx),
+        ))
     }
 
     /// Rebuilds a VM from the snapshot chain in `cfg.snapshot` (the base and
@@ -432,11 +426,29 @@ impl Vmm {
         remora_vmstate::restore_vm(&vm, &state.vm)?;
         let mmio = attach_virtio(&vm, &mem, virtio, Some(&state.devices))?;
         tracing::info!(snapshots = count, pages, vcpus = vcpus.len(), "VM restored");
-        Ok(Vmm {
+        Ok(Vmm::assemble(
+            kvm,
+            vm,
+            (mem, state.mem_mib),
+            vcpus,
+            (bus, mmio, serial),
+            (events_tx, events_rx),
+        ))
+    }
+
+    fn assemble(
+        kvm: Kvm,
+        vm: VmFd,
+        (mem, mem_mib): (GuestMemoryMmap, u64),
+        vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+        (bus, mmio, serial): (PioBus, MmioBus, Arc<Mutex<SerialConsole>>),
+        (events_tx, events_rx): (Sender<VmEvent>, Receiver<VmEvent>),
+    ) -> Vmm {
+        Vmm {
             kvm,
             vm,
             mem,
-            mem_mib: state.mem_mib,
+            mem_mib,
             vcpus,
             bus,
             mmio,
@@ -445,7 +457,7 @@ impl Vmm {
             events_rx,
             control_path: None,
             snapshot_dir: None,
-        })
+        }
     }
 
     /// Serves control requests on a Unix socket at `path` while running.

@@ -175,17 +175,7 @@ impl VirtioDevice for Net {
         let (tx, tx_evt) = queues.next().ok_or("virtio-net needs a TX queue")?;
         let ctl = Arc::new(worker::WorkerCtl::new().map_err(|e| e.to_string())?);
         let ctl2 = ctl.clone();
-        let mut w = NetWorker {
-            mem: act.mem,
-            rx,
-            tx,
-            io,
-            interrupt: act.interrupt,
-            mergeable: has(F_MRG_RXBUF),
-            rx_frame: vec![0u8; MAX_FRAME],
-            rx_pending: 0,
-            tx_frame: Vec::with_capacity(MAX_FRAME),
-        };
+        let mut w = NetWorker::new(act.mem, rx, tx, io, act.interrupt, has(F_MRG_RXBUF));
         let t = std::thread::Builder::new()
             .name("virtio-net".into())
             .spawn(move || {
