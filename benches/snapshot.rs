@@ -79,7 +79,17 @@ fn pct(v: &[u64], p: f64) -> u64 {
 
 fn guest_args<'a>(guest: &'a str, cmdline: &'a str, sock: &'a str) -> Vec<&'a str> {
     vec![
-        "run", "--kernel", guest, "--cmdline", cmdline, "--vcpus", "2", "--mem", "512", "--control", sock,
+        "run",
+        "--kernel",
+        guest,
+        "--cmdline",
+        cmdline,
+        "--vcpus",
+        "2",
+        "--mem",
+        "512",
+        "--control",
+        sock,
     ]
 }
 
@@ -95,7 +105,8 @@ fn with_tcp_stream(guest: &str) -> Series {
     let cmdline = format!("ip={}/24 workload=sink:5000", remora_netlab::GUEST_IP);
     let args = guest_args(guest, &cmdline, sock.to_str().unwrap());
     let mut vm = common::spawn(lan.host.command(common::remora_bin().to_str().unwrap()).args(&args));
-    vm.wait_line("net up", Duration::from_secs(20)).expect("guest network up");
+    vm.wait_line("net up", Duration::from_secs(20))
+        .expect("guest network up");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let sender = lan.client.spawn_thread(move || {
@@ -129,11 +140,16 @@ fn with_mem(guest: &str, mib: u32) -> Series {
     let cmdline = format!("workload=mem:{mib}");
     let args = guest_args(guest, &cmdline, sock.to_str().unwrap());
     let mut vm = common::spawn_remora(&args);
-    vm.wait_line("mem ok", Duration::from_secs(30)).expect("mem workload running");
+    vm.wait_line("mem ok", Duration::from_secs(30))
+        .expect("mem workload running");
     let s = checkpoints(&format!("mem:{mib}"), &sock, &dir);
     vm.signal(libc::SIGTERM);
     let run = vm.finish(Duration::from_secs(10));
-    assert!(run.line("MISMATCH").is_none(), "mem workload saw corruption: {}", run.stdout());
+    assert!(
+        run.line("MISMATCH").is_none(),
+        "mem workload saw corruption: {}",
+        run.stdout()
+    );
     s
 }
 
@@ -145,7 +161,10 @@ fn main() {
     for mib in [4, 16, 64] {
         all.push(with_mem(g, mib));
     }
-    println!("512 MiB guest, 2 vCPUs, {EPOCHS} incremental checkpoints every {} ms", EPOCH.as_millis());
+    println!(
+        "512 MiB guest, 2 vCPUs, {EPOCHS} incremental checkpoints every {} ms",
+        EPOCH.as_millis()
+    );
     println!(
         "{:<22} {:>9} {:>9} {:>9} {:>12} {:>12}",
         "load", "p50 us", "p99 us", "max us", "pages/epoch", "harvest MB/s"
@@ -184,7 +203,10 @@ fn main() {
     let var: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
     let per_page = if var > 0.0 { cov / var } else { 0.0 };
     let fixed = my - per_page * mx;
-    println!("pause ~= {fixed:.0} us + {:.3} us per dirty page (mem runs, least squares)", per_page);
+    println!(
+        "pause ~= {fixed:.0} us + {:.3} us per dirty page (mem runs, least squares)",
+        per_page
+    );
     let p99_tcp = pct(&all[0].pause_us, 0.99);
     println!(
         "target p99 <= 2000 us with a TCP stream: {} ({p99_tcp} us)",

@@ -130,6 +130,16 @@ pub fn spawn(cmd: &mut Command) -> Running {
     }
 }
 
+impl Drop for Running {
+    /// A test that fails before `finish` must not leave its VM running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Running {
     /// Waits up to `timeout` for a console line containing `needle`.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<(Duration, String)> {
@@ -184,7 +194,7 @@ impl Running {
         }
         Run {
             status,
-            lines: self.lines,
+            lines: std::mem::take(&mut self.lines),
             stderr,
             elapsed,
             timed_out,

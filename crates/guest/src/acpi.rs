@@ -159,7 +159,11 @@ pub struct Acpi {
     /// Enabled CPUs beyond [`MAX_CPUS`], ignored.
     pub extra_cpus: usize,
     pub ioapic: Option<IoApic>,
+    /// Every I/O APIC of the MADT (QEMU microvm has two), in MADT order.
+    ioapics: [Option<IoApic>; 8],
     pub fadt: Option<Fadt>,
+    /// The DSDT's AML (after the table header), for device discovery.
+    pub dsdt: Option<&'static [u8]>,
     /// Physical ranges of the RSDP and every table read.
     pub tables: RangeSet,
 }
@@ -175,7 +179,9 @@ impl Acpi {
             nr_apic_ids: 0,
             extra_cpus: 0,
             ioapic: None,
+            ioapics: [None; 8],
             fadt: None,
+            dsdt: None,
             tables: RangeSet::new(),
         }
     }
@@ -219,6 +225,22 @@ impl Acpi {
         Ok(acpi)
     }
 
+    /// Every I/O APIC, in MADT order.
+    pub fn ioapics(&self) -> impl Iterator<Item = IoApic> + '_ {
+        self.ioapics.iter().flatten().copied()
+    }
+
+    /// The I/O APIC serving `gsi`: the one with the highest GSI base not
+    /// above it.
+    pub fn ioapic_for(&self, gsi: u32) -> Option<IoApic> {
+        self.ioapics
+            .iter()
+            .flatten()
+            .filter(|io| io.gsi_base <= gsi)
+            .max_by_key(|io| io.gsi_base)
+            .copied()
+    }
+
     /// APIC IDs of the enabled CPUs, in MADT order.
     pub fn apic_ids(&self) -> &[u32] {
         &self.apic_ids[..self.nr_apic_ids]
@@ -249,12 +271,18 @@ impl Acpi {
                 // Processor Local APIC: uid, APIC ID, flags (bit 0: enabled).
                 (0, 8..) if le32(e, 4) & 1 != 0 => self.add_cpu(u32::from(e[3])),
                 // I/O APIC: id, reserved, address, GSI base.
-                (1, 12..) if self.ioapic.is_none() => {
-                    self.ioapic = Some(IoApic {
+                (1, 12..) => {
+                    let io = IoApic {
                         id: e[2],
                         addr: le32(e, 4),
                         gsi_base: le32(e, 8),
-                    })
+                    };
+                    if self.ioapic.is_none() {
+                        self.ioapic = Some(io);
+                    }
+                    if let Some(slot) = self.ioapics.iter_mut().find(|s| s.is_none()) {
+                        *slot = Some(io);
+                    }
                 }
                 // Local APIC address override.
                 (5, 12..) => self.lapic_addr = le64(e, 4),
@@ -289,6 +317,7 @@ impl Acpi {
         if let Some(d) = table(dsdt, b"DSDT") {
             self.tables.add(Range::new(d.addr, d.data.len() as u64));
             f.s5 = find_s5(&d.data[HEADER_LEN..]);
+            self.dsdt = Some(&d.data[HEADER_LEN..]);
         }
         f
     }

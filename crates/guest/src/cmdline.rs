@@ -2,7 +2,9 @@
 //!
 //! Keys:
 //! - `workload=W[,W...]`: what to run, in order, then power off (see
-//!   [`Workload`]): `info`, `reboot`, `panic`, `fault`, `compute:N`.
+//!   [`Workload`]): `info`, `reboot`, `panic`, `fault`, `compute:N`,
+//!   `disk:MIB`, `diskcheck:MIB`, `mem:MIB`, `sink:PORT`, `source:PORT:MIB`,
+//!   `echo:PORT`, `ping:A.B.C.D`.
 //!   Default `info`. An unknown name is reported and nothing runs.
 //! - `ip=A.B.C.D/P`: the guest's address (for the network workloads to come).
 //! - `gw=A.B.C.D`: default gateway (ditto).
@@ -28,6 +30,20 @@ pub enum Workload<'a> {
     Fault,
     /// Every CPU runs `iters` iterations of `dec; jnz` in ring 3.
     Compute { iters: u64 },
+    /// virtio-blk: write MIB MiB of the disk pattern, flush, read back.
+    Disk { mib: u64 },
+    /// virtio-blk: read and verify what `disk:MIB` wrote.
+    DiskCheck { mib: u64 },
+    /// TCP: hash everything received on PORT.
+    Sink { port: u16 },
+    /// TCP: send MIB MiB of the source stream to each connection on PORT.
+    Source { port: u16, mib: u64 },
+    /// TCP: echo on PORT.
+    Echo { port: u16 },
+    /// ICMP echo requests to an address.
+    Ping { ip: [u8; 4] },
+    /// Memory checker over MIB MiB on every CPU, forever.
+    Mem { mib: u64 },
     /// Not a workload this guest knows (kept to report it).
     Unknown(&'a str),
 }
@@ -45,6 +61,19 @@ impl<'a> Workload<'a> {
             ("fault", None) => Workload::Fault,
             ("compute", Some(n)) => match parse_u64(n) {
                 Some(iters) => Workload::Compute { iters },
+                None => Workload::Unknown(s),
+            },
+            ("disk", Some(n)) => parse_u64(n).map_or(Workload::Unknown(s), |mib| Workload::Disk { mib }),
+            ("diskcheck", Some(n)) => parse_u64(n).map_or(Workload::Unknown(s), |mib| Workload::DiskCheck { mib }),
+            ("mem", Some(n)) => parse_u64(n).map_or(Workload::Unknown(s), |mib| Workload::Mem { mib }),
+            ("sink", Some(p)) => parse_port(p).map_or(Workload::Unknown(s), |port| Workload::Sink { port }),
+            ("ping", Some(a)) => parse_ipv4(a).map_or(Workload::Unknown(s), |ip| Workload::Ping { ip }),
+            ("echo", Some(p)) => parse_port(p).map_or(Workload::Unknown(s), |port| Workload::Echo { port }),
+            ("source", Some(a)) => match a.split_once(':') {
+                Some((p, m)) => match (parse_port(p), parse_u64(m)) {
+                    (Some(port), Some(mib)) => Workload::Source { port, mib },
+                    _ => Workload::Unknown(s),
+                },
                 None => Workload::Unknown(s),
             },
             _ => Workload::Unknown(s),
@@ -129,6 +158,20 @@ impl<'a> Config<'a> {
     /// The workloads to run, in order.
     pub fn workloads(&self) -> &[Workload<'a>] {
         &self.workloads[..self.nr_workloads]
+    }
+}
+
+fn parse_port(s: &str) -> Option<u16> {
+    parse_u64(s).and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)
+}
+
+/// Whether the workload runs in the network loop.
+impl Workload<'_> {
+    pub fn is_net(&self) -> bool {
+        matches!(
+            self,
+            Workload::Sink { .. } | Workload::Source { .. } | Workload::Echo { .. }
+        )
     }
 }
 

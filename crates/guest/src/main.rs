@@ -12,22 +12,32 @@
 //!
 //! Modules: `shim.S` (ring 0), `sys` (syscall wrappers), `console`,
 //! `bootinfo` (PVH start info), `cmdline`, `acpi`, `power`, `smp`, `time`,
-//! `workloads`; `phys` and `sync` are helpers.
+//! `irq` (IOAPIC, LAPIC timer, calibration, sleeping), `virtio`
+//! (discovery, transport, split rings), `blk`, `net` (virtio-net +
+//! smoltcp), `memtest`, `workloads`; `phys`, `palloc` (physical bump
+//! allocator), `pattern` (deterministic data) and `sync` are helpers.
 
 #![no_std]
 #![no_main]
 
 mod acpi;
+mod blk;
 mod bootinfo;
 mod cmdline;
 mod console;
+mod irq;
 mod mem;
+mod memtest;
+mod net;
+mod palloc;
+mod pattern;
 mod phys;
 mod power;
 mod smp;
 mod sync;
 mod sys;
 mod time;
+mod virtio;
 mod workloads;
 
 use acpi::{Acpi, OptGas};
@@ -38,6 +48,9 @@ use power::Power;
 use smp::Lapic;
 
 core::arch::global_asm!(include_str!("shim.S"), options(att_syntax));
+
+#[global_allocator]
+static ALLOCATOR: palloc::Bump = palloc::Bump;
 
 /// Ring-3 entry of every CPU, `iretq`ed to by the shim with this CPU's
 /// index (0 = the BSP) and the physical address of the PVH start info.
@@ -108,12 +121,102 @@ fn bsp_main(start_info: u64) -> ! {
         }
     }
 
+    // Timers (and so the TSC rate) matter only to the device and memory
+    // workloads; calibrating costs ~35 ms, so plain boots skip it.
+    let needs_timers = config.workloads().iter().any(|w| {
+        w.is_net()
+            || matches!(
+                w,
+                cmdline::Workload::Disk { .. } | cmdline::Workload::DiskCheck { .. } | cmdline::Workload::Mem { .. }
+            )
+    });
+    if needs_timers {
+        irq::calibrate(&lapic);
+    }
+    if config.debug && needs_timers {
+        say!(
+            "debug: tsc_hz={} lapic_timer_khz={}",
+            time::tsc_hz(),
+            irq::lapic_ticks_per_ms()
+        );
+    }
+    palloc::init(&info, &avoid);
+    let (blk, net) = probe_virtio(&acpi, cmdline, &lapic);
     let machine = workloads::Machine {
         power: &power,
         lapic: &lapic,
         mem_kib: info.ram_kib(),
+        blk,
+        net,
+        ip: config.ip,
+        gateway: config.gateway,
     };
-    workloads::run(&machine, config.workloads())
+    workloads::run(machine, config.workloads())
+}
+
+/// Finds the virtio-mmio devices, routes their interrupts to this CPU and
+/// brings up the first virtio-blk and the first virtio-net device.
+fn probe_virtio(acpi: &Acpi, cmdline: &[u8], lapic: &Lapic) -> (Option<blk::Blk>, Option<net::VirtioNet>) {
+    let found = virtio::discover(acpi.dsdt, cmdline);
+    let (mut blk, mut net) = (None, None);
+    for d in found.iter() {
+        if !phys::is_mapped(d.base, 0x1000) {
+            continue;
+        }
+        // SAFETY: a virtio-mmio window named by the firmware or the
+        // command line, in the uncached part of the identity map.
+        let mmio = unsafe { virtio::Mmio::new(d.base) };
+        let Some((version, id)) = mmio.probe() else {
+            continue;
+        };
+        let kind = match id {
+            1 => "net",
+            2 => "blk",
+            _ => "other",
+        };
+        say!("virtio {kind} at {:#x} irq {}", d.base, d.gsi);
+        if version != 2 {
+            say!(
+                "warning: legacy virtio-mmio (version {version}) at {:#x} not supported",
+                d.base
+            );
+            continue;
+        }
+        // Without a MADT (QEMU microvm acpi=off) assume the standard I/O
+        // APIC at 0xfec00000 serving GSIs from 0.
+        let standard = acpi::IoApic {
+            id: 0,
+            addr: 0xfec0_0000,
+            gsi_base: 0,
+        };
+        let io = match acpi.ioapics().next() {
+            Some(_) => acpi.ioapic_for(d.gsi),
+            None => Some(standard),
+        };
+        match io {
+            Some(io) => {
+                // SAFETY: the MADT's I/O APIC address (below 4 GiB, in the
+                // uncached part of the identity map).
+                let io = unsafe { irq::IoApic::new(u64::from(io.addr), io.gsi_base) };
+                if !io.route(d.gsi, irq::DEVICE_VECTOR, lapic.id()) {
+                    say!("warning: gsi {} is beyond its I/O APIC's pins", d.gsi);
+                }
+            }
+            None => say!("warning: no I/O APIC for gsi {}", d.gsi),
+        }
+        match id {
+            1 if net.is_none() => match net::VirtioNet::new(mmio) {
+                Ok(n) => net = Some(n),
+                Err(e) => say!("warning: virtio-net at {:#x}: {e}", d.base),
+            },
+            2 if blk.is_none() => match blk::Blk::new(mmio) {
+                Ok(b) => blk = Some(b),
+                Err(e) => say!("warning: virtio-blk at {:#x}: {e}", d.base),
+            },
+            _ => {}
+        }
+    }
+    (blk, net)
 }
 
 /// `debug`: what the guest found.
@@ -142,7 +245,7 @@ fn print_debug(info: &StartInfo, acpi: &Acpi, power: &Power, config: &Config<'_>
         acpi.apic_ids(),
         acpi.extra_cpus
     );
-    if let Some(io) = acpi.ioapic {
+    for io in acpi.ioapics() {
         say!(
             "debug: ioapic id={} addr={:#x} gsi_base={}",
             io.id,

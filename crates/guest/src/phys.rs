@@ -93,4 +93,8 @@ impl RangeSet {
     pub fn overlaps(&self, r: &Range) -> bool {
         self.ranges[..self.len].iter().any(|x| x.overlaps(r))
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Range> {
+        self.ranges[..self.len].iter()
+    }
 }

@@ -37,8 +37,9 @@
  *                               (race-free sleep, woken by any interrupt)
  *   4 TRIPLE_FAULT()            load an empty IDT and fault: never returns
  *
- * Interrupts: vector 0x40 is the wake-up IPI (EOI, iretq), 0xff the LAPIC
- * spurious vector (iretq). Exceptions 0-31 (except 3) print one line
+ * Interrupts: vector 0x40 is the wake-up IPI (EOI, iretq), 0x41-0x4f the
+ * LAPIC timer and device interrupts (lock incl shim_irq_count, EOI, iretq),
+ * 0xff the LAPIC spurious vector (iretq). Exceptions 0-31 (except 3) print one line
  *   remora-guest: fault vector=0x0e err=0x... rip=0x... cs=0x... rsp=0x... cr2=0x...
  * on COM1 and then triple-fault.
  *
@@ -205,6 +206,21 @@ shim_vectors:
 .balign 16
 shim_ipi:
     pushq %rax
+    xorl %eax, %eax
+    movabsl %eax, SHIM_LAPIC_EOI
+    popq %rax
+    iretq
+
+/*
+ * Device and timer interrupts (vectors 0x41-0x4f): count, EOI, return.
+ * Ring 3 reads shim_irq_count before its last look at the rings and sleeps
+ * with HALT_IF(&shim_irq_count, seen), so an interrupt that arrives in
+ * between is never lost; it then polls the rings itself.
+ */
+.balign 16
+shim_irq:
+    pushq %rax
+    lock incl shim_irq_count(%rip)
     xorl %eax, %eax
     movabsl %eax, SHIM_LAPIC_EOI
     popq %rax
@@ -524,7 +540,10 @@ shim_idt:
 .endr
     .fill (0x40 - 32) * 16, 1, 0
     SHIM_GATE (shim_ipi - shim_vectors), 0x8e           /* 0x40 */
-    .fill (0xff - 0x41) * 16, 1, 0
+.rept 15                                                /* 0x41-0x4f */
+    SHIM_GATE (shim_irq - shim_vectors), 0x8e
+.endr
+    .fill (0xff - 0x50) * 16, 1, 0
     SHIM_GATE (shim_spurious - shim_vectors), 0x8e      /* 0xff */
 shim_idt_end:
 
@@ -542,6 +561,10 @@ shim_zero_idtr:
 /* hvm_start_info physical address, saved by the BSP for everyone. */
 .globl shim_start_info
 shim_start_info:
+    .long 0
+/* Device/timer interrupts taken (vectors 0x41-0x4f), all CPUs. */
+.globl shim_irq_count
+shim_irq_count:
     .long 0
 /* Number of CPUs that reached 64-bit mode; the next CPU's index. */
 .globl shim_cpu_count

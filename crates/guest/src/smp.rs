@@ -88,12 +88,12 @@ impl Lapic {
         Lapic { base: base as usize }
     }
 
-    fn read(&self, reg: usize) -> u32 {
+    pub fn read(&self, reg: usize) -> u32 {
         // SAFETY: an aligned LAPIC register inside the LAPIC page (see new).
         unsafe { core::ptr::read_volatile((self.base + reg) as *const u32) }
     }
 
-    fn write(&self, reg: usize, value: u32) {
+    pub fn write(&self, reg: usize, value: u32) {
         // SAFETY: an aligned LAPIC register inside the LAPIC page (see new).
         unsafe { core::ptr::write_volatile((self.base + reg) as *mut u32, value) }
     }

@@ -72,6 +72,16 @@ pub fn tsc_hz() -> u64 {
     }
 }
 
+/// Sets the TSC rate (after calibration).
+pub fn set_tsc_hz(hz: u64) {
+    TSC_HZ.store(hz, Ordering::Relaxed);
+}
+
+/// Microseconds since TSC 0.
+pub fn micros() -> u64 {
+    (u128::from(rdtsc()) * 1_000_000 / u128::from(tsc_hz())) as u64
+}
+
 /// A point in TSC time.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(u64);

@@ -3,7 +3,10 @@
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 
-use crate::cmdline::Workload;
+use crate::blk::{self, Blk};
+use crate::cmdline::{Ipv4Cidr, Workload};
+use crate::memtest;
+use crate::net::{self, VirtioNet};
 use crate::power::Power;
 use crate::say;
 use crate::smp::{self, Job, Lapic};
@@ -16,21 +19,37 @@ pub struct Machine<'a> {
     pub lapic: &'a Lapic,
     /// RAM in the memory map, in KiB.
     pub mem_kib: u64,
+    pub blk: Option<Blk>,
+    pub net: Option<VirtioNet>,
+    pub ip: Option<Ipv4Cidr>,
+    pub gateway: Option<[u8; 4]>,
 }
 
-/// Runs the workloads in order, then powers off.
-pub fn run(m: &Machine<'_>, workloads: &[Workload<'_>]) -> ! {
+/// Runs the workloads in order, then powers off. The network workloads
+/// (`sink`, `source`, `echo`) all run together, after the others, until the
+/// VM is stopped; so does `mem`.
+pub fn run(mut m: Machine<'_>, workloads: &[Workload<'_>]) -> ! {
     for w in workloads {
         match *w {
+            Workload::Disk { mib } => blk::workload(m.blk.as_mut(), m.lapic, mib, false),
+            Workload::DiskCheck { mib } => blk::workload(m.blk.as_mut(), m.lapic, mib, true),
+            Workload::Mem { mib } => memtest::workload(m.lapic, m.power, mib),
+            Workload::Sink { .. } | Workload::Source { .. } | Workload::Echo { .. } | Workload::Ping { .. } => {}
             Workload::Info => say!("cpus={} mem_kib={}", smp::online(), m.mem_kib),
             Workload::Reboot => m.power.reset(),
             Workload::Panic => sys::triple_fault(),
             Workload::Fault => invalid_opcode(),
-            Workload::Compute { iters } => compute(m, iters),
+            Workload::Compute { iters } => compute(&m, iters),
             Workload::Unknown(name) => {
                 say!("error: unknown workload '{}'", name);
-                break;
+                m.power.poweroff()
             }
+        }
+    }
+    if workloads.iter().any(|w| w.is_net()) {
+        match m.net.take() {
+            Some(dev) => net::run(m.lapic, dev, m.ip, m.gateway, workloads),
+            None => say!("net error: no virtio-net device"),
         }
     }
     m.power.poweroff()
