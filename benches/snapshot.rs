@@ -103,7 +103,9 @@ fn with_tcp_stream(guest: &str) -> Series {
     let lan = VmLan::new("bs").expect("namespaces (run as root)");
     let (sock, dir) = (tmp("a.sock"), tmp("a"));
     let cmdline = format!("ip={}/24 workload=sink:5000", remora_netlab::GUEST_IP);
-    let args = guest_args(guest, &cmdline, sock.to_str().unwrap());
+    let net = format!("tap={}", lan.tap);
+    let mut args = guest_args(guest, &cmdline, sock.to_str().unwrap());
+    args.extend_from_slice(&["--net", &net]);
     let mut vm = common::spawn(lan.host.command(common::remora_bin().to_str().unwrap()).args(&args));
     vm.wait_line("net up", Duration::from_secs(20))
         .expect("guest network up");

@@ -183,6 +183,8 @@ pub struct Vmm {
     /// Directory of the snapshot chain being extended, once a base exists
     /// (KVM dirty logging is on from then).
     snapshot_dir: Option<PathBuf>,
+    /// The staging buffer of the last snapshot, kept for the next one.
+    staging_buf: Vec<u8>,
 }
 
 /// How to resume a snapshot.
@@ -457,6 +459,7 @@ impl Vmm {
             events_rx,
             control_path: None,
             snapshot_dir: None,
+            staging_buf: Vec::new(),
         }
     }
 
@@ -589,12 +592,14 @@ impl Vmm {
                     control.resume();
                 }
                 let pause_us = t0.elapsed().as_micros();
-                let (state, staging) = staged?;
+                let (state, staging, parts) = staged?;
                 let pages = staging.pages.len();
-                let bytes = snapshot::write(&dir, &state, &staging).map_err(|e| e.to_string())?;
+                let written = snapshot::write(&dir, &state, &staging);
+                self.staging_buf = staging.data;
+                let bytes = written.map_err(|e| e.to_string())?;
                 Ok(format!(
-                    "seq={} pages={pages} pause_us={pause_us} bytes={bytes}",
-                    state.seq
+                    "seq={} pages={pages} pause_us={pause_us} bytes={bytes} state_us={} harvest_us={} copy_us={}",
+                    state.seq, parts.0, parts.1, parts.2
                 ))
             }
         }
@@ -606,7 +611,8 @@ impl Vmm {
         &mut self,
         dir: &std::path::Path,
         incremental: bool,
-    ) -> Result<(snapshot::MachineSnapshot, snapshot::Staging), String> {
+    ) -> Result<(snapshot::MachineSnapshot, snapshot::Staging, (u128, u128, u128)), String> {
+        let t0 = std::time::Instant::now();
         let seq = if incremental {
             if self.snapshot_dir.as_deref() != Some(dir) {
                 return Err(snapshot::SnapshotError::NeedBase(dir.into()).to_string());
@@ -628,9 +634,16 @@ impl Vmm {
         // Device workers park between requests for the same cut; they
         // resume once the pages are staged.
         let devices = self.mmio.pause_all();
+        let t1 = std::time::Instant::now();
         let staging = self.stage_pages(incremental);
         self.mmio.resume_all();
-        let staging = staging?;
+        let (staging, harvest_us) = staging?;
+        let t2 = std::time::Instant::now();
+        let parts = (
+            (t1 - t0).as_micros(),
+            harvest_us,
+            (t2 - t1).as_micros().saturating_sub(harvest_us),
+        );
         self.snapshot_dir = Some(dir.to_path_buf());
         Ok((
             snapshot::MachineSnapshot {
@@ -642,19 +655,28 @@ impl Vmm {
                 devices,
             },
             staging,
+            parts,
         ))
     }
 
-    /// Copies this snapshot's pages (all for a base, dirty for an increment).
-    fn stage_pages(&self, incremental: bool) -> Result<snapshot::Staging, String> {
+    /// Copies this snapshot's pages (all for a base, dirty for an
+    /// increment); also returns the time the dirty-log harvest took.
+    fn stage_pages(&mut self, incremental: bool) -> Result<(snapshot::Staging, u128), String> {
+        let t = std::time::Instant::now();
+        let buf = std::mem::take(&mut self.staging_buf);
         Ok(if incremental {
             let dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
-            snapshot::Staging::copy(&self.mem, &dirty, false)
+            let harvest_us = t.elapsed().as_micros();
+            (snapshot::Staging::copy_into(&self.mem, &dirty, false, buf), harvest_us)
         } else {
             // From the base on, KVM logs guest writes for the increments.
             memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
             let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
-            snapshot::Staging::copy(&self.mem, &snapshot::Staging::populated_pages(&self.mem), true)
+            let harvest_us = t.elapsed().as_micros();
+            (
+                snapshot::Staging::copy_into(&self.mem, &snapshot::Staging::populated_pages(&self.mem), true, buf),
+                harvest_us,
+            )
         })
     }
 }
