@@ -187,6 +187,16 @@ pub struct Vmm {
     staging_buf: Vec<u8>,
 }
 
+/// Where a snapshot's pause went, in microseconds.
+struct PauseParts {
+    /// vCPU, VM and device state.
+    state_us: u128,
+    /// Reading and clearing the dirty logs.
+    harvest_us: u128,
+    /// Copying pages into the staging buffer.
+    copy_us: u128,
+}
+
 /// How to resume a snapshot.
 pub struct RestoreConfig {
     pub snapshot: PathBuf,
@@ -599,7 +609,7 @@ impl Vmm {
                 let bytes = written.map_err(|e| e.to_string())?;
                 Ok(format!(
                     "seq={} pages={pages} pause_us={pause_us} bytes={bytes} state_us={} harvest_us={} copy_us={}",
-                    state.seq, parts.0, parts.1, parts.2
+                    state.seq, parts.state_us, parts.harvest_us, parts.copy_us
                 ))
             }
         }
@@ -611,7 +621,7 @@ impl Vmm {
         &mut self,
         dir: &std::path::Path,
         incremental: bool,
-    ) -> Result<(snapshot::MachineSnapshot, snapshot::Staging, (u128, u128, u128)), String> {
+    ) -> Result<(snapshot::MachineSnapshot, snapshot::Staging, PauseParts), String> {
         let t0 = std::time::Instant::now();
         let seq = if incremental {
             if self.snapshot_dir.as_deref() != Some(dir) {
@@ -639,11 +649,11 @@ impl Vmm {
         self.mmio.resume_all();
         let (staging, harvest_us) = staging?;
         let t2 = std::time::Instant::now();
-        let parts = (
-            (t1 - t0).as_micros(),
+        let parts = PauseParts {
+            state_us: (t1 - t0).as_micros(),
             harvest_us,
-            (t2 - t1).as_micros().saturating_sub(harvest_us),
-        );
+            copy_us: (t2 - t1).as_micros().saturating_sub(harvest_us),
+        };
         self.snapshot_dir = Some(dir.to_path_buf());
         Ok((
             snapshot::MachineSnapshot {
