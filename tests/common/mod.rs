@@ -232,3 +232,77 @@ pub fn run_guest(cmdline: &str, vcpus: u32, mem_mib: u32, timeout: Duration) -> 
 pub fn expected_mem_kib(mem_mib: u64) -> u64 {
     (mem_mib << 10) - (0x10_0000 - 0x9_fc00) / 1024
 }
+
+/// Which VMM runs the test guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmm {
+    Remora,
+    /// QEMU microvm, userspace virtio-net (vhost=off), modern virtio-mmio.
+    Qemu,
+}
+
+/// Boots the test guest with `workloads` on `lan` (inside its host
+/// namespace, on its TAP) under `vmm`, and waits for `net up`.
+pub fn boot_on_lan(lan: &remora_netlab::VmLan, vmm: Vmm, workloads: &str, vcpus: u32) -> Running {
+    let guest = guest_bin();
+    let g = guest.to_str().unwrap().to_string();
+    let cmdline = format!("workload={workloads} ip={}/24", remora_netlab::GUEST_IP);
+    let (v, tap) = (vcpus.to_string(), lan.tap.clone());
+    let mut cmd = match vmm {
+        Vmm::Remora => {
+            let mut c = lan.host.command(remora_bin().to_str().unwrap());
+            c.args([
+                "run",
+                "--kernel",
+                &g,
+                "--cmdline",
+                &cmdline,
+                "--vcpus",
+                &v,
+                "--mem",
+                "256",
+            ])
+            .args(["--net", &format!("tap={tap}")]);
+            c
+        }
+        Vmm::Qemu => {
+            let mut c = lan.host.command("qemu-system-x86_64");
+            c.args([
+                "-M",
+                "microvm,acpi=on",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+            ])
+            .args([
+                "-smp",
+                &v,
+                "-m",
+                "256",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+            ])
+            .args(["-serial", "stdio", "-no-reboot", "-kernel", &g, "-append", &cmdline])
+            .args([
+                "-netdev",
+                &format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
+            ])
+            .args([
+                "-device",
+                "virtio-net-device,netdev=n0",
+                "-global",
+                "virtio-mmio.force-legacy=false",
+            ]);
+            c
+        }
+    };
+    let mut vm = spawn(&mut cmd);
+    if vm.wait_line("remora-guest: net up", Duration::from_secs(30)).is_none() {
+        let run = vm.finish(Duration::from_secs(1));
+        panic!("{vmm:?}: no `net up` line\n{}\n{}", run.stdout(), run.stderr);
+    }
+    vm
+}
