@@ -259,6 +259,17 @@ fn idle_network_guest_does_not_spin() {
     require_kvm();
     let lan = VmLan::new("gi").expect("netlab");
     let (vm, _) = boot(&lan, "sink:5001,echo:7");
+    // Some traffic first, so completed TX entries wait in the used ring
+    // (the guest once busy-polled forever when idle after any transmit).
+    let echo = lan.client.spawn_thread(|| {
+        let mut s = TcpStream::connect((GUEST_IP, 7))?;
+        s.write_all(b"hello")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    });
+    assert_eq!(echo.join().unwrap().expect("echo"), b"hello");
     std::thread::sleep(Duration::from_millis(300));
     let pid = vm.child.id();
     let t0 = cpu_ticks(pid);

@@ -167,9 +167,9 @@ impl Running {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
-    /// Waits for exit; kills the child (by PID) after `timeout`.
+    /// Waits up to `timeout` (from now) for exit; then kills the child (by PID).
     pub fn finish(mut self, timeout: Duration) -> Run {
-        let deadline = self.start + timeout;
+        let deadline = Instant::now() + timeout;
         let mut timed_out = false;
         let status = loop {
             if let Some(s) = self.child.try_wait().expect("wait") {

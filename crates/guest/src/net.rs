@@ -15,9 +15,12 @@
 //! Loop (NAPI style, one CPU): read the interrupt count, let smoltcp take
 //! every received frame, let the applications move data, let smoltcp emit
 //! segments until it has nothing more (or the TX ring is full), publish RX
-//! buffers and kick TX once for the whole batch. When nothing moved and no
-//! used entries wait, arm both rings (EVENT_IDX) and sleep until the device
-//! interrupt or smoltcp's next timer (LAPIC one-shot).
+//! buffers and kick TX once for the whole batch. When nothing moved, reclaim
+//! finished TX slots, arm both rings (EVENT_IDX; poll again if used entries
+//! already wait) and sleep until the device interrupt or smoltcp's next
+//! timer (LAPIC one-shot). If smoltcp wants to send "now" but the TX ring is
+//! full, sleep until the TX completion interrupt; the loop never spins on
+//! work it cannot do.
 
 use core::cell::RefCell;
 use core::sync::atomic::Ordering;
@@ -58,6 +61,10 @@ const MTU: usize = 1514;
 /// Socket buffers of the bulk workloads.
 const BULK_BUF: usize = 4 << 20;
 const SMALL_BUF: usize = 256 << 10;
+/// TCP workloads served (at most).
+const MAX_APPS: usize = 16;
+/// Listening sockets per TCP port (connections served at the same time).
+const SOCKETS_PER_PORT: usize = 2;
 
 struct Rings {
     rxq: Queue,
@@ -337,9 +344,23 @@ impl VirtioNet {
         r.txq.kick();
     }
 
+    /// Takes back the TX slots the device is done with; true if the TX
+    /// ring is still full (nothing more can be sent until it completes
+    /// some).
+    pub fn tx_full(&mut self) -> bool {
+        let r = self.r.get_mut();
+        r.reclaim_tx();
+        r.tx_nfree == 0
+    }
+
     /// Arms both rings; true if used entries already wait.
+    ///
+    /// TX completions are reclaimed first: they are otherwise only taken
+    /// back when the ring is full, and completed-but-unreclaimed entries
+    /// would make this return true forever (a busy loop).
     pub fn arm(&mut self) -> bool {
         let r = self.r.get_mut();
+        r.reclaim_tx();
         let a = r.rxq.arm();
         let b = r.txq.in_flight() > 0 && r.txq.arm();
         a || b
@@ -443,6 +464,8 @@ struct App {
     bytes: u64,
     active: bool,
     closing: bool,
+    /// The connection's line was printed.
+    reported: bool,
 }
 
 impl App {
@@ -455,6 +478,7 @@ impl App {
     }
 
     fn report(&mut self) {
+        self.reported = true;
         let d = self.hash.finalize_reset();
         let mut hex = [0u8; 64];
         for (i, b) in d.iter().enumerate() {
@@ -476,11 +500,15 @@ impl App {
         let state = s.state();
         if !s.is_open() || state == tcp::State::TimeWait {
             if self.active {
-                if !self.closing {
-                    self.report(); // reset by the peer
+                if !self.reported {
+                    // Reset by the peer, or (source) the last ACK and the
+                    // peer's FIN came in one batch: TimeWait without our
+                    // having seen an empty send queue in between.
+                    self.report();
                 }
                 self.active = false;
                 self.closing = false;
+                self.reported = false;
                 self.bytes = 0;
                 self.hash = Sha256::new();
             }
@@ -542,9 +570,8 @@ impl App {
                     self.closing = true;
                     s.close();
                 }
-                if self.closing && self.active && s.send_queue() == 0 && self.bytes != u64::MAX {
+                if self.closing && !self.reported && s.send_queue() == 0 {
                     self.report();
-                    self.bytes = u64::MAX; // reported
                 }
             }
             Kind::Echo => {
@@ -570,6 +597,12 @@ impl App {
         moved
     }
 }
+
+/// Longest sleep while the TX ring is full (the TX interrupt normally
+/// ends it much sooner).
+const TX_FULL_WAIT_US: u64 = 10_000;
+/// Sleep when smoltcp asks to be polled now but emits nothing.
+const STALL_WAIT_US: u64 = 100;
 
 /// Echo requests a `ping:IP` workload sends, one every [`PING_INTERVAL_US`].
 const PING_COUNT: u16 = 5;
@@ -675,7 +708,8 @@ pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[
     if let Some([a, b, c, d]) = gw {
         let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
     }
-    let mut storage: [SocketStorage<'_>; 20] = Default::default();
+    let mut storage: [SocketStorage<'_>; SOCKETS_PER_PORT * MAX_APPS + 2] =
+        core::array::from_fn(|_| SocketStorage::EMPTY);
     let mut icmp_meta = [[icmp::PacketMetadata::EMPTY; 8]; 4];
     let mut icmp_data = [[0u8; 2048]; 4];
     let mut sockets = SocketSet::new(&mut storage[..]);
@@ -705,8 +739,12 @@ pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[
             done: false,
         });
     }
-    let mut apps: [Option<App>; 16] = Default::default();
-    for (slot, w) in apps.iter_mut().zip(ws) {
+    // SOCKETS_PER_PORT sockets listen on each TCP port, so that one is
+    // still listening while another finishes its connection (LastAck,
+    // FinWait): back-to-back connections are accepted, not reset.
+    let mut apps: [Option<App>; SOCKETS_PER_PORT * MAX_APPS] = core::array::from_fn(|_| None);
+    let mut slots = apps.iter_mut();
+    'ws: for w in ws.iter().take(MAX_APPS) {
         let (kind, port) = match *w {
             Workload::Sink { port } => (Kind::Sink, port),
             Workload::Source { port, mib } => (Kind::Source(mib << 20), port),
@@ -718,23 +756,29 @@ pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[
             Kind::Source(_) => (SMALL_BUF, BULK_BUF),
             Kind::Echo => (SMALL_BUF, SMALL_BUF),
         };
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(palloc::alloc_slice(rx)),
-            tcp::SocketBuffer::new(palloc::alloc_slice(tx)),
-        );
-        s.set_ack_delay(None);
-        s.set_nagle_enabled(false);
-        let _ = s.listen(port);
-        let h = sockets.add(s);
-        *slot = Some(App {
-            kind,
-            port,
-            h,
-            hash: Sha256::new(),
-            bytes: 0,
-            active: false,
-            closing: false,
-        });
+        for _ in 0..SOCKETS_PER_PORT {
+            let Some(slot) = slots.next() else {
+                break 'ws;
+            };
+            let mut s = tcp::Socket::new(
+                tcp::SocketBuffer::new(palloc::alloc_slice(rx)),
+                tcp::SocketBuffer::new(palloc::alloc_slice(tx)),
+            );
+            s.set_ack_delay(None);
+            s.set_nagle_enabled(false);
+            let _ = s.listen(port);
+            let h = sockets.add(s);
+            *slot = Some(App {
+                kind,
+                port,
+                h,
+                hash: Sha256::new(),
+                bytes: 0,
+                active: false,
+                closing: false,
+                reported: false,
+            });
+        }
     }
     let m = dev.mac;
     say!(
@@ -747,6 +791,7 @@ pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[
         m[4],
         m[5]
     );
+    let mut stalled = false;
     loop {
         let seen = irq::irq_count().load(Ordering::Acquire);
         let t = now();
@@ -765,13 +810,28 @@ pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[
         }
         dev.flush();
         if busy {
+            stalled = false;
             continue;
         }
         if dev.arm() {
             continue;
         }
+        // Nothing moved. smoltcp may still want to send "now": because the
+        // TX ring is full (wait for the TX interrupt, armed above), or
+        // because a timer expired since `t` (poll once more); if it says
+        // "now" again without sending anything, sleep a little instead of
+        // spinning.
         let mut timeout = match iface.poll_delay(now(), &sockets) {
-            Some(d) if d == Duration::ZERO => continue,
+            Some(d) if d == Duration::ZERO => {
+                if dev.tx_full() {
+                    TX_FULL_WAIT_US
+                } else if !stalled {
+                    stalled = true;
+                    continue;
+                } else {
+                    STALL_WAIT_US
+                }
+            }
             Some(d) => d.total_micros().min(1_000_000),
             None => 1_000_000,
         };
