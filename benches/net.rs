@@ -77,7 +77,7 @@ fn main() {
             for run in 0..RUNS {
                 // A fresh LAN and VM per run: no state carried between runs.
                 let lan = VmLan::new("bn").expect("namespaces (run as root)");
-                let vm = common::boot_on_lan(&lan, vmm, "sink:5001,source:5002:1000000", vcpus);
+                let (vm, _) = common::boot_on_lan(&lan, vmm, "sink:5001,source:5002:1000000", vcpus);
                 std::thread::sleep(Duration::from_millis(200));
                 tx.push(from_guest(&lan));
                 std::thread::sleep(Duration::from_millis(200));

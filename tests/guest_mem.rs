@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -16,21 +15,6 @@ fn tmp(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&p);
     let _ = std::fs::remove_file(&p);
     p
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(remora_bin())
-        .arg("ctl")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 fn checks(line: &str) -> u64 {

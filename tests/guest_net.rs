@@ -12,80 +12,20 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{guest_bin, remora_bin, require_kvm, Running};
+use common::{boot_on_lan, require_kvm, Running, Vmm};
 use remora_netlab::{VmLan, CLIENT_IP, GUEST_IP};
 use sha2::{Digest, Sha256};
 
 const GIB: u64 = 1 << 30;
 
-/// Boots the guest on the LAN and waits for its `net up` line.
+/// Boots the guest on the LAN under remora and waits for `net up`.
 fn boot(lan: &VmLan, workloads: &str) -> (Running, String) {
-    let guest = guest_bin();
-    let remora = remora_bin();
-    let mut cmd = lan.host.command(remora.to_str().unwrap());
-    cmd.args([
-        "run",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        &format!("workload={workloads} ip={GUEST_IP}/24"),
-        "--vcpus",
-        "2",
-        "--mem",
-        "256",
-        "--net",
-        &format!("tap={}", lan.tap),
-    ]);
-    wait_up(common::spawn(&mut cmd))
+    boot_on_lan(lan, Vmm::Remora, workloads, 2)
 }
 
-/// The same guest under QEMU microvm (the baseline), inside the host
-/// namespace on the same TAP.
+/// The same guest under QEMU microvm (the baseline), on the same LAN.
 fn boot_qemu(lan: &VmLan, workloads: &str) -> (Running, String) {
-    let guest = guest_bin();
-    let mut cmd = lan.host.command("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=on",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-smp",
-        "2",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-        guest.to_str().unwrap(),
-        "-append",
-        &format!("workload={workloads} ip={GUEST_IP}/24"),
-        "-netdev",
-        &format!("tap,id=n0,ifname={},script=no,downscript=no,vhost=off", lan.tap),
-        "-device",
-        "virtio-net-device,netdev=n0",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-    ]);
-    wait_up(common::spawn(&mut cmd))
-}
-
-fn wait_up(mut vm: Running) -> (Running, String) {
-    let up = vm.wait_line("remora-guest: net up", Duration::from_secs(20));
-    let Some((t, line)) = up else {
-        let run = vm.finish(Duration::from_secs(1));
-        panic!("no `net up` line\n{}\n{}", run.stdout(), run.stderr);
-    };
-    eprintln!("{line} (after {t:?})");
-    assert!(line.contains(&format!("ip={GUEST_IP}/24")), "{line}");
-    let mac = line.split("mac=").nth(1).unwrap_or("").trim().to_string();
-    (vm, mac)
+    boot_on_lan(lan, Vmm::Qemu, workloads, 2)
 }
 
 fn stop(vm: Running) {

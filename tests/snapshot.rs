@@ -4,28 +4,12 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 fn tmp(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("remora-snaptest-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&p);
     p
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(remora_bin())
-        .arg("ctl")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 /// Starts the guest computing for several seconds on 2 vCPUs with a

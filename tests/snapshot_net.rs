@@ -10,27 +10,16 @@ mod common;
 
 use common::*;
 use remora_netlab::{VmLan, GUEST_IP};
-use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
 const TOTAL: usize = 96 << 20;
 
-fn ctl(sock: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(remora_bin())
-        .arg("ctl")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// `remora ctl`, which must succeed.
+fn ctl_ok(sock: &Path, args: &[&str]) -> String {
+    let (ok, out) = ctl(sock, args);
+    assert!(ok, "ctl {args:?}: {out}");
+    out
 }
 
 #[test]
@@ -66,31 +55,16 @@ fn tcp_stream_survives_kill_and_restore() {
 
     // The client streams at a modest rate so the stream spans the whole
     // snapshot sequence, the kill and the restore.
-    let sender = lan.client.spawn_thread(|| {
-        let mut c = TcpStream::connect((GUEST_IP, 5001))?;
-        let mut h = Sha256::new();
-        let mut chunk = vec![0u8; 256 << 10];
-        for i in 0..TOTAL / chunk.len() {
-            for (j, b) in chunk.iter_mut().enumerate() {
-                *b = (i * 31 + j * 7) as u8;
-            }
-            c.write_all(&chunk)?;
-            h.update(&chunk);
-            std::thread::sleep(Duration::from_millis(8));
-        }
-        c.shutdown(std::net::Shutdown::Write)?;
-        let _ = c.read_to_end(&mut Vec::new());
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>())
-    });
+    let sender = paced_stream(&lan, 5001, TOTAL, Duration::from_millis(8));
     std::thread::sleep(Duration::from_millis(300));
     let d = dir.to_str().unwrap();
-    assert!(ctl(&sock, &["snapshot", "--out", d]).contains("seq=0"));
+    assert!(ctl_ok(&sock, &["snapshot", "--out", d]).contains("seq=0"));
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(40));
-        ctl(&sock, &["snapshot", "--out", d, "--incremental"]);
+        ctl_ok(&sock, &["snapshot", "--out", d, "--incremental"]);
     }
-    ctl(&sock, &["pause"]);
-    assert!(ctl(&sock, &["snapshot", "--out", d, "--incremental"]).contains("seq=11"));
+    ctl_ok(&sock, &["pause"]);
+    assert!(ctl_ok(&sock, &["snapshot", "--out", d, "--incremental"]).contains("seq=11"));
     first.signal(libc::SIGKILL);
     let dead = first.finish(Duration::from_secs(5));
     dead.check(

@@ -4,10 +4,7 @@
 mod common;
 
 use common::*;
-use remora_netlab::{VmLan, GUEST_IP};
-use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use remora_netlab::VmLan;
 use std::time::Duration;
 
 const TOTAL: usize = 64 << 20;
@@ -16,23 +13,8 @@ const TOTAL: usize = 64 << 20;
 fn stream_survives_tap_down_and_up() {
     require_kvm();
     let lan = VmLan::new("tf").expect("namespaces");
-    let mut vm = boot_on_lan(&lan, Vmm::Remora, "sink:5001", 2);
-    let sender = lan.client.spawn_thread(|| {
-        let mut c = TcpStream::connect((GUEST_IP, 5001))?;
-        let mut h = Sha256::new();
-        let mut chunk = vec![0u8; 256 << 10];
-        for i in 0..TOTAL / chunk.len() {
-            for (j, b) in chunk.iter_mut().enumerate() {
-                *b = (i * 13 + j * 5) as u8;
-            }
-            c.write_all(&chunk)?;
-            h.update(&chunk);
-            std::thread::sleep(Duration::from_millis(6));
-        }
-        c.shutdown(std::net::Shutdown::Write)?;
-        let _ = c.read_to_end(&mut Vec::new());
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>())
-    });
+    let (mut vm, _) = boot_on_lan(&lan, Vmm::Remora, "sink:5001", 2);
+    let sender = paced_stream(&lan, 5001, TOTAL, Duration::from_millis(6));
     std::thread::sleep(Duration::from_millis(300));
     lan.host.ip(&["link", "set", &lan.tap, "down"]).unwrap();
     std::thread::sleep(Duration::from_millis(1500));

@@ -242,8 +242,9 @@ pub enum Vmm {
 }
 
 /// Boots the test guest with `workloads` on `lan` (inside its host
-/// namespace, on its TAP) under `vmm`, and waits for `net up`.
-pub fn boot_on_lan(lan: &remora_netlab::VmLan, vmm: Vmm, workloads: &str, vcpus: u32) -> Running {
+/// namespace, on its TAP) under `vmm`, and waits for `net up`; returns the
+/// VM and the guest's MAC address from that line.
+pub fn boot_on_lan(lan: &remora_netlab::VmLan, vmm: Vmm, workloads: &str, vcpus: u32) -> (Running, String) {
     let guest = guest_bin();
     let g = guest.to_str().unwrap().to_string();
     let cmdline = format!("workload={workloads} ip={}/24", remora_netlab::GUEST_IP);
@@ -300,9 +301,57 @@ pub fn boot_on_lan(lan: &remora_netlab::VmLan, vmm: Vmm, workloads: &str, vcpus:
         }
     };
     let mut vm = spawn(&mut cmd);
-    if vm.wait_line("remora-guest: net up", Duration::from_secs(30)).is_none() {
+    let Some((t, line)) = vm.wait_line("remora-guest: net up", Duration::from_secs(30)) else {
         let run = vm.finish(Duration::from_secs(1));
         panic!("{vmm:?}: no `net up` line\n{}\n{}", run.stdout(), run.stderr);
-    }
-    vm
+    };
+    eprintln!("{line} (after {t:?})");
+    assert!(line.contains(&format!("ip={}/24", remora_netlab::GUEST_IP)), "{line}");
+    let mac = line.split("mac=").nth(1).unwrap_or("").trim().to_string();
+    (vm, mac)
+}
+
+/// `remora ctl SOCKET ARGS`: (success, stdout + stderr).
+pub fn ctl(sock: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(remora_bin())
+        .arg("ctl")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// From `lan`'s client, streams `total` bytes (a multiple of 256 KiB) into
+/// the guest's `port` at a modest pace (a chunk every `pause`), so the
+/// stream spans whatever the test does meanwhile; returns its SHA-256.
+pub fn paced_stream(
+    lan: &remora_netlab::VmLan,
+    port: u16,
+    total: usize,
+    pause: Duration,
+) -> std::thread::JoinHandle<std::io::Result<String>> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    lan.client.spawn_thread(move || {
+        let mut c = std::net::TcpStream::connect((remora_netlab::GUEST_IP, port))?;
+        let mut h = Sha256::new();
+        let mut chunk = vec![0u8; 256 << 10];
+        for i in 0..total / chunk.len() {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = (i * 31 + j * 7) as u8;
+            }
+            c.write_all(&chunk)?;
+            h.update(&chunk);
+            std::thread::sleep(pause);
+        }
+        c.shutdown(std::net::Shutdown::Write)?;
+        let _ = c.read_to_end(&mut Vec::new());
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    })
 }
