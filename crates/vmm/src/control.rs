@@ -72,7 +72,8 @@ pub fn serve(path: &Path, events: Sender<VmEvent>) -> std::io::Result<()> {
     std::thread::Builder::new().name("control".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            if handle(conn, &events).is_err() && events.send(VmEvent::Stop(String::new())).is_err() {
+            // The VMM is gone: nothing left to serve.
+            if handle(conn, &events).is_err() {
                 return;
             }
         }

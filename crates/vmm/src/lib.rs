@@ -517,8 +517,7 @@ impl Vmm {
                 Err(_) => break VmExit::Stopped("event channel closed".into()),
                 Ok(VmEvent::Device(DeviceEvent::PowerOff)) => break VmExit::PowerOff,
                 Ok(VmEvent::Device(DeviceEvent::Reset)) => break VmExit::Reset,
-                Ok(VmEvent::Stop(why)) if !why.is_empty() => break VmExit::Stopped(why),
-                Ok(VmEvent::Stop(_)) => {}
+                Ok(VmEvent::Stop(why)) => break VmExit::Stopped(why),
                 Ok(VmEvent::VcpuFault { index, fault }) => break VmExit::Fault { vcpu: index, fault },
                 Ok(VmEvent::Control(cmd, reply)) => {
                     let r = self.handle_control(cmd, &control, &threads);
