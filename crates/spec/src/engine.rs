@@ -1,0 +1,707 @@
+//! The engine: dispatch of frames to flows, the per-epoch output queue,
+//! timers and outputs.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tracing::{debug, trace, warn};
+
+use crate::flow::{AckInfo, Ctx, Flow, FlowKey, Phase};
+use crate::seq;
+use crate::wire::{self, flags, Parsed, Segment};
+use crate::{Checksum, Config, EpochId, Mode, Side, Stats, Transmit};
+
+/// An entry of an epoch's output queue.
+#[derive(Clone, Debug)]
+enum Item {
+    /// A frame held for output commit.
+    Raw(Vec<u8>),
+    /// A segment of a speculated flow: the stream reached `data_end`/`fin`
+    /// and the guest's receive-side state was `ack`.
+    Spec {
+        key: FlowKey,
+        data_end: u32,
+        fin: bool,
+        ack: Option<AckInfo>,
+        pure: bool,
+    },
+    /// The guest reset a speculated flow.
+    Rst { key: FlowKey },
+}
+
+/// The speculative TCP engine. See the crate documentation.
+///
+/// All state is plain data (`Clone`), so it can be checkpointed.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    cfg: Config,
+    flows: HashMap<FlowKey, Flow>,
+    current: u64,
+    current_items: Vec<Item>,
+    sealed: VecDeque<(u64, Vec<Item>)>,
+    out: VecDeque<Transmit>,
+    global_reserved: u64,
+    global_held: u64,
+    /// Some flow's window was limited by the global cap.
+    global_blocked: bool,
+    spec_flows: usize,
+    buffered_bytes: u64,
+    stats: Stats,
+}
+
+impl Engine {
+    pub fn new(cfg: Config) -> Self {
+        Engine {
+            cfg,
+            flows: HashMap::new(),
+            current: 0,
+            current_items: Vec::new(),
+            sealed: VecDeque::new(),
+            out: VecDeque::new(),
+            global_reserved: 0,
+            global_held: 0,
+            global_blocked: false,
+            spec_flows: 0,
+            buffered_bytes: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The epoch that output received now belongs to.
+    pub fn current_epoch(&self) -> EpochId {
+        EpochId(self.current)
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.flows = self.flows.len();
+        s.speculative_flows = self.flows.values().filter(|f| f.phase == Phase::Established).count();
+        s.bytes_held = self.global_held;
+        s.bytes_reserved = self.global_reserved;
+        s.buffered_bytes = self.buffered_bytes;
+        s
+    }
+
+    /// Bytes held by one flow (accepted from the guest, not yet acknowledged
+    /// by the peer), if tracked.
+    pub fn flow_bytes_held(&self, key: &FlowKey) -> Option<usize> {
+        self.flows.get(key).map(|f| f.buf.len())
+    }
+
+    #[doc(hidden)]
+    pub fn debug_flow(&self, key: &FlowKey) -> String {
+        self.flows.get(key).map_or(String::new(), |f| {
+            format!(
+                "phase {:?} snd_una {} snd_max {} data_end {} fin {} committed_end {} adv_edge {} buf {} reserved {} peer_wnd {} cwnd {}",
+                f.phase, f.snd_una, f.snd_max, f.data_end, f.fin, f.committed_end, f.adv_edge, f.buf.len(), f.reserved, f.peer_wnd, f.cwnd
+            )
+        })
+    }
+
+    /// Keys of tracked flows that are currently speculated.
+    pub fn speculative_flows(&self) -> Vec<FlowKey> {
+        let mut v: Vec<FlowKey> = self
+            .flows
+            .values()
+            .filter(|f| f.phase == Phase::Established)
+            .map(|f| f.key)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// True if no speculated flow has data the peer has not acknowledged
+    /// and no epoch output is waiting.
+    pub fn is_idle(&self) -> bool {
+        self.current_items.is_empty()
+            && self.sealed.iter().all(|(_, items)| items.is_empty())
+            && self
+                .flows
+                .values()
+                .all(|f| f.phase != Phase::Established || (f.buf.is_empty() && f.snd_una == f.snd_max))
+    }
+
+    fn ctx(&mut self) -> (Ctx<'_>, &mut HashMap<FlowKey, Flow>) {
+        (
+            Ctx {
+                cfg: &self.cfg,
+                out: &mut self.out,
+                stats: &mut self.stats,
+                global_reserved: &mut self.global_reserved,
+                global_held: &mut self.global_held,
+                global_blocked: &mut self.global_blocked,
+                spec_flows: &mut self.spec_flows,
+            },
+            &mut self.flows,
+        )
+    }
+
+    fn hold(&mut self, frame: &[u8]) {
+        if self.buffered_bytes + frame.len() as u64 > self.cfg.buffered_cap as u64 {
+            self.stats.buffered_drops += 1;
+            return;
+        }
+        self.buffered_bytes += frame.len() as u64;
+        self.current_items.push(Item::Raw(frame.to_vec()));
+    }
+
+    fn pass_inner(&mut self, frame: &[u8]) {
+        self.out.push_back(Transmit {
+            to: Side::Inner,
+            frame: frame.to_vec(),
+        });
+    }
+
+    // -------------------------------------------------------------------
+    // Inner (guest) side.
+
+    /// A frame from the guest with the given checksum state.
+    pub fn handle_inner_with(&mut self, now: Duration, frame: &[u8], csum: Checksum) {
+        match csum {
+            Checksum::Partial => match complete_checksum(frame) {
+                Some(f) => self.handle_inner(now, &f),
+                None => self.handle_inner(now, frame),
+            },
+            Checksum::Complete | Checksum::Verified => self.handle_inner(now, frame),
+        }
+    }
+
+    /// A frame from the network with the given checksum state.
+    pub fn handle_outer_with(&mut self, now: Duration, frame: &[u8], csum: Checksum) {
+        match csum {
+            Checksum::Complete => self.handle_outer(now, frame),
+            Checksum::Verified => self.handle_outer_inner(now, frame, false),
+            Checksum::Partial => match complete_checksum(frame) {
+                Some(f) => self.handle_outer_inner(now, &f, false),
+                None => self.handle_outer_inner(now, frame, false),
+            },
+        }
+    }
+
+    /// A frame from the guest (checksums complete or not needed: the guest
+    /// side is trusted and not verified).
+    pub fn handle_inner(&mut self, now: Duration, frame: &[u8]) {
+        self.stats.inner_frames += 1;
+        match self.cfg.mode {
+            Mode::Direct => {
+                self.out.push_back(Transmit {
+                    to: Side::Outer,
+                    frame: frame.to_vec(),
+                });
+                return;
+            }
+            Mode::Buffered => {
+                self.hold(frame);
+                return;
+            }
+            Mode::Speculative => {}
+        }
+        let seg = match wire::parse(frame) {
+            Parsed::Tcp(s) => s,
+            Parsed::Other => {
+                self.stats.non_tcp_frames += 1;
+                self.hold(frame);
+                return;
+            }
+        };
+        let key = FlowKey::from_inner(&seg);
+        if seg.has(flags::SYN) && !seg.has(flags::ACK) && !seg.has(flags::RST) {
+            self.guest_syn(now, key, &seg);
+            self.hold(frame);
+            return;
+        }
+        let speculate;
+        {
+            let (mut ctx, flows) = self.ctx();
+            let Some(flow) = flows.get_mut(&key) else {
+                self.stats.fallback_frames += 1;
+                self.hold(frame);
+                return;
+            };
+            speculate = match flow.phase {
+                Phase::Handshake => {
+                    if seg.has(flags::RST) {
+                        flow.phase = Phase::Closed;
+                        false
+                    } else {
+                        Self::guest_handshake(&mut ctx, flow, &seg)
+                    }
+                }
+                Phase::Established => true,
+                Phase::Fallback | Phase::Closed => false,
+            };
+        }
+        if !speculate {
+            self.stats.fallback_frames += 1;
+            self.hold(frame);
+            return;
+        }
+        if seg.has(flags::SYN) {
+            self.stats.fallback_frames += 1;
+            self.hold(frame);
+            return;
+        }
+        if seg.has(flags::RST) {
+            self.current_items.push(Item::Rst { key });
+            return;
+        }
+        let (mut ctx, flows) = self.ctx();
+        let Some(flow) = flows.get_mut(&key) else {
+            return;
+        };
+        let (ack, pure) = flow.on_guest_segment(&mut ctx, &seg);
+        let item = Item::Spec {
+            key,
+            data_end: flow.data_end,
+            fin: flow.fin,
+            ack,
+            pure,
+        };
+        trace!(?key, data_end = flow.data_end, pure, "guest segment speculated");
+        self.current_items.push(item);
+    }
+
+    fn guest_syn(&mut self, now: Duration, key: FlowKey, seg: &Segment<'_>) {
+        match self.flows.get_mut(&key) {
+            Some(f) if f.phase == Phase::Established || f.phase == Phase::Fallback => {}
+            Some(f) if f.phase == Phase::Handshake && f.guest_syn.is_some_and(|g| g.isn == seg.seq) => {}
+            _ => {
+                if self.flows.len() >= self.cfg.max_flows && !self.flows.contains_key(&key) {
+                    return;
+                }
+                if let Some(mut old) = self.flows.remove(&key) {
+                    let (mut ctx, _) = self.ctx();
+                    old.release_all(&mut ctx);
+                }
+                debug!(?key, "guest SYN: tracking flow");
+                let f = Flow::new(key, seg, true, now, &self.cfg);
+                self.flows.insert(key, f);
+            }
+        }
+    }
+
+    /// A guest segment during the handshake. Returns true if the flow is
+    /// now established and the segment must be processed as speculated.
+    fn guest_handshake(ctx: &mut Ctx<'_>, flow: &mut Flow, seg: &Segment<'_>) -> bool {
+        if seg.has(flags::SYN) && seg.has(flags::ACK) {
+            // Passive open: the guest's SYN-ACK.
+            if let Some(p) = flow.peer_syn {
+                if seg.ack == p.isn.wrapping_add(1) {
+                    flow.guest_syn = Some(crate::flow::SynInfo::from_seg(seg));
+                    flow.guest_mac = seg.eth_src;
+                    flow.gw_mac = seg.eth_dst;
+                    flow.guest_net = seg.net;
+                }
+            }
+            return false;
+        }
+        // Active open: the guest's ACK of the peer's SYN-ACK.
+        let (Some(g), Some(p)) = (flow.guest_syn, flow.peer_syn) else {
+            return false;
+        };
+        if !seg.has(flags::ACK)
+            || seg.ack != p.isn.wrapping_add(1)
+            || seg.seq != g.isn.wrapping_add(1)
+            || flow.guest_seen_ack != Some(g.isn.wrapping_add(1))
+        {
+            return false;
+        }
+        let ok = flow.establish(ctx);
+        if ok {
+            debug!(key = ?flow.key, "flow established (active open): speculating");
+        }
+        ok
+    }
+
+    // -------------------------------------------------------------------
+    // Outer (peer) side.
+
+    /// A frame from the network (checksums complete; verified for tracked
+    /// flows if [`Config::verify_outer_checksums`]).
+    pub fn handle_outer(&mut self, now: Duration, frame: &[u8]) {
+        let verify = self.cfg.verify_outer_checksums;
+        self.handle_outer_inner(now, frame, verify);
+    }
+
+    fn handle_outer_inner(&mut self, now: Duration, frame: &[u8], verify: bool) {
+        self.stats.outer_frames += 1;
+        if self.cfg.mode != Mode::Speculative {
+            self.pass_inner(frame);
+            return;
+        }
+        let seg = match wire::parse(frame) {
+            Parsed::Tcp(s) => s,
+            Parsed::Other => {
+                self.stats.non_tcp_frames += 1;
+                self.pass_inner(frame);
+                return;
+            }
+        };
+        let key = FlowKey::from_outer(&seg);
+        let tracked = self.flows.contains_key(&key);
+        let is_syn = seg.has(flags::SYN) && !seg.has(flags::ACK) && !seg.has(flags::RST);
+        if (tracked || is_syn) && verify && !wire::verify_checksums(frame, &seg) {
+            self.stats.bad_checksum_drops += 1;
+            return;
+        }
+        if is_syn {
+            self.peer_syn(now, key, &seg);
+            self.pass_inner(frame);
+            return;
+        }
+        let phase = match self.flows.get(&key) {
+            None => {
+                self.stats.fallback_frames += 1;
+                self.pass_inner(frame);
+                return;
+            }
+            Some(f) => f.phase,
+        };
+        match phase {
+            Phase::Handshake => {
+                let established = {
+                    let (mut ctx, flows) = self.ctx();
+                    match flows.get_mut(&key) {
+                        Some(flow) => Self::peer_handshake(&mut ctx, flow, &seg),
+                        None => false,
+                    }
+                };
+                if !established {
+                    if let Some(flow) = self.flows.get_mut(&key) {
+                        if seg.has(flags::RST) {
+                            flow.phase = Phase::Closed;
+                        } else {
+                            flow.note_raw_to_guest(&seg);
+                        }
+                    }
+                    self.stats.fallback_frames += 1;
+                    self.pass_inner(frame);
+                    return;
+                }
+                if let Some(flow) = self.flows.get_mut(&key) {
+                    flow.init_committed_from_syn();
+                }
+                self.peer_established(now, key, frame, &seg);
+            }
+            Phase::Established => self.peer_established(now, key, frame, &seg),
+            Phase::Fallback => {
+                self.stats.fallback_frames += 1;
+                self.pass_inner(frame);
+            }
+            Phase::Closed => {
+                // Keep the guest's view: never an ACK below what it saw,
+                // never a window edge left of what it was offered. Pure
+                // ACKs are of no use to the guest any more (its FIN, if
+                // any, was acknowledged speculatively) and late duplicates
+                // would carry stale sequence numbers: consume them.
+                let pure = seg.payload.is_empty() && seg.flags & (flags::SYN | flags::FIN | flags::RST) == 0;
+                if pure && self.flows.get(&key).is_some_and(|f| f.guest_seen_ack.is_some()) {
+                    self.stats.peer_acks_consumed += 1;
+                    return;
+                }
+                let f = match self.flows.get_mut(&key) {
+                    Some(flow) if flow.guest_seen_ack.is_some() && seg.has(flags::ACK) && !seg.has(flags::RST) => {
+                        flow.rewrite_closed(frame, &seg)
+                    }
+                    _ => frame.to_vec(),
+                };
+                self.out.push_back(Transmit {
+                    to: Side::Inner,
+                    frame: f,
+                });
+            }
+        }
+    }
+
+    fn peer_syn(&mut self, now: Duration, key: FlowKey, seg: &Segment<'_>) {
+        match self.flows.get(&key) {
+            Some(f) if f.phase == Phase::Established || f.phase == Phase::Fallback => {}
+            Some(f) if f.phase == Phase::Handshake && f.peer_syn.is_some_and(|p| p.isn == seg.seq) => {}
+            _ => {
+                if self.flows.len() >= self.cfg.max_flows && !self.flows.contains_key(&key) {
+                    return;
+                }
+                if let Some(mut old) = self.flows.remove(&key) {
+                    let (mut ctx, _) = self.ctx();
+                    old.release_all(&mut ctx);
+                }
+                debug!(?key, "peer SYN: tracking flow");
+                let f = Flow::new(key, seg, false, now, &self.cfg);
+                self.flows.insert(key, f);
+            }
+        }
+    }
+
+    /// A peer segment during the handshake. Returns true if the flow is now
+    /// established (passive open completed).
+    fn peer_handshake(ctx: &mut Ctx<'_>, flow: &mut Flow, seg: &Segment<'_>) -> bool {
+        if seg.has(flags::RST) {
+            return false;
+        }
+        if seg.has(flags::SYN) && seg.has(flags::ACK) {
+            // Active open: the peer's SYN-ACK.
+            if let Some(g) = flow.guest_syn {
+                if seg.ack == g.isn.wrapping_add(1) {
+                    flow.peer_syn = Some(crate::flow::SynInfo::from_seg(seg));
+                }
+            }
+            return false;
+        }
+        // Passive open: the peer's ACK of the guest's SYN-ACK.
+        let (Some(g), Some(p)) = (flow.guest_syn, flow.peer_syn) else {
+            return false;
+        };
+        if !seg.has(flags::ACK) || seg.ack != g.isn.wrapping_add(1) || seg.seq != p.isn.wrapping_add(1) {
+            return false;
+        }
+        let ok = flow.establish(ctx);
+        if ok {
+            debug!(key = ?flow.key, "flow established (passive open): speculating");
+        }
+        ok
+    }
+
+    fn peer_established(&mut self, now: Duration, key: FlowKey, frame: &[u8], seg: &Segment<'_>) {
+        let blocked_before = self.global_reserved;
+        let (mut ctx, flows) = self.ctx();
+        let Some(flow) = flows.get_mut(&key) else {
+            return;
+        };
+        if seg.has(flags::RST) {
+            if flow.peer_rst_valid(seg) {
+                debug!(?key, "peer RST: closing flow");
+                flow.close(&mut ctx, now);
+                ctx.out.push_back(Transmit {
+                    to: Side::Inner,
+                    frame: frame.to_vec(),
+                });
+            }
+            self.after_release(now, blocked_before);
+            return;
+        }
+        if seg.has(flags::SYN) || !seg.has(flags::ACK) {
+            // Retransmitted SYN-ACK: our ACK of it was lost. Answer from the
+            // committed state if the guest's ACK was released already (else
+            // it goes out at commit). Segments without ACK are ignored.
+            if seg.has(flags::SYN) && seg.has(flags::ACK) && flow.committed_ack.is_some() {
+                flow.resend_ack(&mut ctx, now);
+            }
+            return;
+        }
+        flow.on_peer_ack(&mut ctx, now, seg);
+        let has_data = !seg.payload.is_empty() || seg.has(flags::FIN);
+        let spec = flow.spec_ack();
+        let guest_needs_ack = flow.guest_seen_ack.is_none_or(|a| seq::lt(a, spec));
+        // A keepalive or window probe for the guest (sequence number one
+        // below what it has received) must reach it so that it answers.
+        let probe = !has_data && seg.seq == flow.guest_rcv_nxt().wrapping_sub(1);
+        flow.note_peer_data(seg);
+        if has_data || probe {
+            let f = flow.rewrite_for_guest(&mut ctx, frame, seg);
+            ctx.out.push_back(Transmit {
+                to: Side::Inner,
+                frame: f,
+            });
+        } else if guest_needs_ack {
+            // E.g. the peer's ACK completing a passive open: the guest gets
+            // its view in a segment of ours (with an acceptable seq number).
+            flow.send_spec_ack(&mut ctx);
+            ctx.stats.peer_acks_consumed += 1;
+        } else {
+            ctx.stats.peer_acks_consumed += 1;
+        }
+        flow.send_loop(&mut ctx, now);
+        flow.maybe_window_update(&mut ctx);
+        if flow.phase == Phase::Established {
+            // The peer may have acknowledged the last of a closing flow.
+            flow.check_done(now, &mut ctx);
+        }
+        self.after_release(now, blocked_before);
+    }
+
+    /// If global reservations dropped, other flows blocked by the global
+    /// cap may open their windows.
+    fn after_release(&mut self, _now: Duration, before: u64) {
+        if self.global_reserved >= before || !self.global_blocked {
+            return;
+        }
+        self.global_blocked = false;
+        let (mut ctx, flows) = self.ctx();
+        for f in flows.values_mut() {
+            if f.window_blocked {
+                f.maybe_window_update(&mut ctx);
+            }
+        }
+    }
+
+    // -------------------------------------------------------------------
+    // Epochs.
+
+    /// End the current epoch; output received from now on belongs to the
+    /// next one. Returns the id of the sealed epoch.
+    pub fn seal_epoch(&mut self, _now: Duration) -> EpochId {
+        let id = self.current;
+        let items = std::mem::take(&mut self.current_items);
+        if self.cfg.mode != Mode::Direct {
+            self.sealed.push_back((id, items));
+        }
+        self.current += 1;
+        EpochId(id)
+    }
+
+    /// The backup acknowledged the checkpoint of `epoch` (and so of all
+    /// earlier epochs): release their output.
+    pub fn commit_epoch(&mut self, now: Duration, epoch: EpochId) {
+        if epoch.0 >= self.current {
+            warn!(
+                epoch = epoch.0,
+                current = self.current,
+                "commit of an epoch not sealed yet; committing sealed epochs only"
+            );
+        }
+        let before = self.global_reserved;
+        let mut touched: Vec<FlowKey> = Vec::new();
+        while self.sealed.front().is_some_and(|(id, _)| *id <= epoch.0) {
+            let Some((_, items)) = self.sealed.pop_front() else {
+                break;
+            };
+            self.stats.epochs_committed += 1;
+            for item in items {
+                match item {
+                    Item::Raw(f) => {
+                        self.buffered_bytes = self.buffered_bytes.saturating_sub(f.len() as u64);
+                        self.out.push_back(Transmit {
+                            to: Side::Outer,
+                            frame: f,
+                        });
+                    }
+                    Item::Spec {
+                        key,
+                        data_end,
+                        fin,
+                        ack,
+                        pure,
+                    } => {
+                        let (mut ctx, flows) = self.ctx();
+                        if let Some(flow) = flows.get_mut(&key) {
+                            if flow.phase == Phase::Established {
+                                flow.on_commit_item(&mut ctx, now, data_end, fin, ack, pure);
+                                if !flow.touched {
+                                    flow.touched = true;
+                                    touched.push(key);
+                                }
+                            }
+                        }
+                    }
+                    Item::Rst { key } => {
+                        for k in touched.drain(..) {
+                            let (mut ctx, flows) = self.ctx();
+                            if let Some(flow) = flows.get_mut(&k) {
+                                flow.touched = false;
+                                flow.after_commit(&mut ctx, now);
+                            }
+                        }
+                        let (mut ctx, flows) = self.ctx();
+                        if let Some(flow) = flows.get_mut(&key) {
+                            if flow.phase == Phase::Established {
+                                flow.on_guest_rst(&mut ctx, now);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for k in touched {
+            let (mut ctx, flows) = self.ctx();
+            if let Some(flow) = flows.get_mut(&k) {
+                flow.touched = false;
+                flow.after_commit(&mut ctx, now);
+            }
+        }
+        self.after_release(now, before);
+    }
+
+    /// Resume a checkpointed engine on the backup after a failover.
+    ///
+    /// `self` must be the engine state captured together with (atomically
+    /// with) the checkpoint the guest resumes from, i.e. right after the
+    /// [`Engine::seal_epoch`] that ended that checkpoint's epoch. The caller
+    /// commits that epoch (the backup acknowledged it) with
+    /// [`Engine::commit_epoch`] before or after this call; any later epoch
+    /// never existed. Timers are re-based on the new host's clock (`now`)
+    /// and everything the peer has not acknowledged is retransmitted as
+    /// after a timeout (the old primary may have sent more of the committed
+    /// data than the snapshot knows; the peer's ACKs of it are accepted).
+    pub fn resume_after_failover(&mut self, now: Duration) {
+        let (mut ctx, flows) = self.ctx();
+        for f in flows.values_mut() {
+            f.resume_after_failover(&mut ctx, now);
+        }
+    }
+
+    // -------------------------------------------------------------------
+    // Time and outputs.
+
+    /// The next frame to deliver.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    /// Number of frames waiting in [`Engine::poll_transmit`].
+    pub fn pending_transmits(&self) -> usize {
+        self.out.len()
+    }
+
+    /// When [`Engine::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.flows.values().filter_map(|f| f.next_deadline()).min()
+    }
+
+    /// Run the timers that are due.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let before = self.global_reserved;
+        let due: Vec<FlowKey> = self
+            .flows
+            .values()
+            .filter(|f| f.next_deadline().is_some_and(|d| d <= now))
+            .map(|f| f.key)
+            .collect();
+        for key in due {
+            let remove = {
+                let (mut ctx, flows) = self.ctx();
+                let Some(flow) = flows.get_mut(&key) else {
+                    continue;
+                };
+                flow.on_timeout(&mut ctx, now);
+                let expired = flow.linger.is_some_and(|d| d <= now) && !flow.rst_pending;
+                match flow.phase {
+                    Phase::Closed | Phase::Handshake | Phase::Fallback => expired,
+                    Phase::Established => false,
+                }
+            };
+            if remove {
+                if let Some(mut f) = self.flows.remove(&key) {
+                    let (mut ctx, _) = self.ctx();
+                    f.release_all(&mut ctx);
+                }
+            }
+        }
+        self.after_release(now, before);
+    }
+}
+
+/// A copy of a TCP frame with its checksums completed; `None` if the frame
+/// is not TCP (it is then passed on unchanged).
+fn complete_checksum(frame: &[u8]) -> Option<Vec<u8>> {
+    let Parsed::Tcp(seg) = wire::parse(frame) else {
+        return None;
+    };
+    let mut f = frame[..seg.frame_len()].to_vec();
+    wire::fix_checksums(&mut f, &seg.net, seg.tcp_offset);
+    Some(f)
+}

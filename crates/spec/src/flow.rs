@@ -1,0 +1,1395 @@
+//! Per-flow state of speculated TCP connections: the guest's speculative
+//! view, the held stream, and the sender toward the peer (retransmission,
+//! RTO, NewReno with SACK recovery, zero-window probing).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::seq;
+use crate::wire::{self, flags, IpAddr, Net, Segment, MAX_SACK};
+use crate::{Config, Side, Stats, Transmit};
+
+/// Identifies a flow by its guest and peer endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub guest_ip: IpAddr,
+    pub guest_port: u16,
+    pub peer_ip: IpAddr,
+    pub peer_port: u16,
+}
+
+impl FlowKey {
+    pub(crate) fn from_inner(s: &Segment<'_>) -> Self {
+        let (src, dst) = s.net.addrs();
+        FlowKey {
+            guest_ip: src,
+            guest_port: s.src_port,
+            peer_ip: dst,
+            peer_port: s.dst_port,
+        }
+    }
+    pub(crate) fn from_outer(s: &Segment<'_>) -> Self {
+        let (src, dst) = s.net.addrs();
+        FlowKey {
+            guest_ip: dst,
+            guest_port: s.dst_port,
+            peer_ip: src,
+            peer_port: s.src_port,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// SYN seen; frames pass under output commit.
+    Handshake,
+    /// Speculating.
+    Established,
+    /// Not speculated (could not reserve memory); output commit only.
+    Fallback,
+    /// Finished; kept until `linger` so late peer frames get the guest's view.
+    Closed,
+}
+
+/// What a SYN told us about its sender.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SynInfo {
+    pub isn: u32,
+    pub mss: Option<u16>,
+    pub wscale: Option<u8>,
+    pub sack_ok: bool,
+    pub tsval: Option<u32>,
+    pub window: u16,
+}
+
+impl SynInfo {
+    pub(crate) fn from_seg(s: &Segment<'_>) -> Self {
+        SynInfo {
+            isn: s.seq,
+            mss: s.opts.mss,
+            wscale: s.opts.wscale,
+            sack_ok: s.opts.sack_permitted,
+            tsval: s.opts.timestamps.map(|t| t.0),
+            window: s.window,
+        }
+    }
+}
+
+/// The guest's acknowledgement state from one of its segments (its receive
+/// side), released to the peer only when that segment's epoch commits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct AckInfo {
+    pub ack: u32,
+    pub window: u16,
+    pub tsval: Option<u32>,
+    pub sack: [(u32, u32); MAX_SACK],
+    pub sack_len: u8,
+    /// The guest's ECN-Echo (its receive side saw congestion marks).
+    pub ece: bool,
+}
+
+impl AckInfo {
+    pub(crate) fn from_seg(s: &Segment<'_>) -> Self {
+        AckInfo {
+            ack: s.ack,
+            window: s.window,
+            tsval: s.opts.timestamps.map(|t| t.0),
+            sack: s.opts.sack,
+            sack_len: s.opts.sack_len,
+            ece: s.flags & flags::ECE != 0,
+        }
+    }
+    fn sack_blocks(&self) -> &[(u32, u32)] {
+        &self.sack[..usize::from(self.sack_len).min(MAX_SACK)]
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Recovery {
+    /// snd_max when recovery started; recovery ends when it is acknowledged.
+    pub point: u32,
+    /// Entered by a retransmission timeout (everything outstanding is lost).
+    pub after_rto: bool,
+}
+
+/// Everything the flow needs from the engine while processing.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a Config,
+    pub out: &'a mut VecDeque<Transmit>,
+    pub stats: &'a mut Stats,
+    pub global_reserved: &'a mut u64,
+    pub global_held: &'a mut u64,
+    pub global_blocked: &'a mut bool,
+    /// Number of speculated flows (for the fair share of the global cap).
+    pub spec_flows: &'a mut usize,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Flow {
+    pub key: FlowKey,
+    pub phase: Phase,
+    pub guest_syn: Option<SynInfo>,
+    pub peer_syn: Option<SynInfo>,
+    /// The largest right window edge the guest learnt during the handshake.
+    pub hs_edge: Option<u32>,
+    /// Peer window (bytes, seq, ack) learnt during the handshake.
+    pub hs_peer_wnd: Option<(u32, u32, u32)>,
+
+    // Link and network parameters (from the guest's latest frame).
+    pub guest_mac: [u8; 6],
+    pub gw_mac: [u8; 6],
+    pub guest_net: Net,
+    pub ip_id: u16,
+
+    // Negotiated.
+    pub ts_ok: bool,
+    pub sack_ok: bool,
+    /// Shift the guest applies to windows it receives (the peer's wscale).
+    pub peer_ws: u8,
+    /// Shift the peer applies to the guest's windows.
+    pub guest_ws: u8,
+    pub peer_mss: u16,
+
+    // The held guest->peer stream: bytes [snd_una, data_end) are in `buf`.
+    pub buf: VecDeque<u8>,
+    pub data_end: u32,
+    pub fin: bool,
+    pub committed_end: u32,
+    pub committed_fin: bool,
+    /// Right edge of the window offered to the guest (never moves left).
+    pub adv_edge: u32,
+    pub reserved: u64,
+    /// Last window offered was too small for the guest to send a segment.
+    pub window_blocked: bool,
+
+    // What the guest has told / been told.
+    pub guest_seen_ack: Option<u32>,
+    pub guest_last_ack: u32,
+    pub guest_last_window: u16,
+    pub guest_ts_latest: Option<u32>,
+
+    // The peer->guest direction (passed through).
+    pub peer_contig: u32,
+    /// Peer ranges passed to the guest beyond `peer_contig` (sorted).
+    pub peer_ooo: Vec<(u32, u32)>,
+    pub peer_ts_for_guest: Option<u32>,
+    pub peer_ts_recent: Option<u32>,
+    pub peer_fin: Option<u32>,
+
+    // The guest's committed receive-side state, as sent to the peer.
+    pub committed_ack: Option<AckInfo>,
+    pub last_sent_ack: Option<(u32, u16)>,
+
+    // Sender toward the peer.
+    pub snd_una: u32,
+    pub snd_max: u32,
+    pub peer_wnd: u32,
+    pub wl1: u32,
+    pub wl2: u32,
+    pub cwnd: u32,
+    pub ssthresh: u32,
+    pub ca_acc: u32,
+    pub srtt: Option<Duration>,
+    pub rttvar: Duration,
+    pub rto: Duration,
+    pub rtt_probe: Option<(u32, Duration)>,
+    pub dupacks: u32,
+    /// SACKed ranges above snd_una, sorted and disjoint.
+    pub sacked: Vec<(u32, u32)>,
+    pub recovery: Option<Recovery>,
+    pub retx_nxt: u32,
+    pub retries: u32,
+    pub rto_deadline: Option<Duration>,
+    pub persist_deadline: Option<Duration>,
+    pub persist_backoff: u32,
+    /// Window probes / zero-window retransmissions without any ACK since.
+    pub probes_out: u32,
+    /// Closed/handshake expiry, or the deadline of a pending guest RST.
+    pub linger: Option<Duration>,
+    pub rst_pending: bool,
+    /// In the touched list of a commit being processed.
+    pub touched: bool,
+}
+
+impl Flow {
+    pub(crate) fn new(key: FlowKey, seg: &Segment<'_>, from_guest: bool, now: Duration, cfg: &Config) -> Self {
+        let (guest_mac, gw_mac, guest_net) = if from_guest {
+            (seg.eth_src, seg.eth_dst, seg.net)
+        } else {
+            (seg.eth_dst, seg.eth_src, seg.net.reversed())
+        };
+        let syn = SynInfo::from_seg(seg);
+        Flow {
+            key,
+            phase: Phase::Handshake,
+            guest_syn: from_guest.then_some(syn),
+            peer_syn: (!from_guest).then_some(syn),
+            hs_edge: None,
+            hs_peer_wnd: None,
+            guest_mac,
+            gw_mac,
+            guest_net,
+            ip_id: 0,
+            ts_ok: false,
+            sack_ok: false,
+            peer_ws: 0,
+            guest_ws: 0,
+            peer_mss: 536,
+            buf: VecDeque::new(),
+            data_end: 0,
+            fin: false,
+            committed_end: 0,
+            committed_fin: false,
+            adv_edge: 0,
+            reserved: 0,
+            window_blocked: false,
+            guest_seen_ack: None,
+            guest_last_ack: 0,
+            guest_last_window: 0,
+            guest_ts_latest: None,
+            peer_contig: 0,
+            peer_ooo: Vec::new(),
+            peer_ts_for_guest: None,
+            peer_ts_recent: None,
+            peer_fin: None,
+            committed_ack: None,
+            last_sent_ack: None,
+            snd_una: 0,
+            snd_max: 0,
+            peer_wnd: 0,
+            wl1: 0,
+            wl2: 0,
+            cwnd: 0,
+            ssthresh: u32::MAX,
+            ca_acc: 0,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            rto: cfg.initial_rto,
+            rtt_probe: None,
+            dupacks: 0,
+            sacked: Vec::new(),
+            recovery: None,
+            retx_nxt: 0,
+            retries: 0,
+            rto_deadline: None,
+            persist_deadline: None,
+            persist_backoff: 0,
+            probes_out: 0,
+            linger: Some(now + cfg.handshake_timeout),
+            rst_pending: false,
+            touched: false,
+        }
+    }
+
+    /// The sequence number the guest's stream has reached (incl. FIN): the
+    /// speculative ACK.
+    pub(crate) fn spec_ack(&self) -> u32 {
+        self.data_end.wrapping_add(u32::from(self.fin))
+    }
+
+    fn stream_end_committed(&self) -> u32 {
+        self.committed_end.wrapping_add(u32::from(self.committed_fin))
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Duration> {
+        [self.rto_deadline, self.persist_deadline, self.linger]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Record what an outer frame passed raw to the guest during the
+    /// handshake told it (ACK and window edge).
+    pub(crate) fn note_raw_to_guest(&mut self, seg: &Segment<'_>) {
+        if !seg.has(flags::ACK) {
+            return;
+        }
+        let shift = if seg.has(flags::SYN) { 0 } else { self.hs_shift() };
+        let edge = seg.ack.wrapping_add(u32::from(seg.window) << shift);
+        self.hs_edge = Some(self.hs_edge.map_or(edge, |e| seq::max(e, edge)));
+        self.guest_seen_ack = Some(self.guest_seen_ack.map_or(seg.ack, |a| seq::max(a, seg.ack)));
+        self.hs_peer_wnd = Some((u32::from(seg.window) << shift, seg.seq, seg.ack));
+    }
+
+    fn hs_shift(&self) -> u8 {
+        match (self.guest_syn, self.peer_syn) {
+            (Some(g), Some(p)) if g.wscale.is_some() => p.wscale.unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Both SYNs seen and acknowledged: start speculating. Returns false if
+    /// the flow could not reserve its initial window (it then falls back).
+    pub(crate) fn establish(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let (Some(g), Some(p)) = (self.guest_syn, self.peer_syn) else {
+            return false;
+        };
+        self.ts_ok = g.tsval.is_some() && p.tsval.is_some();
+        self.sack_ok = g.sack_ok && p.sack_ok;
+        let ws_ok = g.wscale.is_some() && p.wscale.is_some();
+        self.peer_ws = if ws_ok { p.wscale.unwrap_or(0) } else { 0 };
+        self.guest_ws = if ws_ok { g.wscale.unwrap_or(0) } else { 0 };
+        let v6 = matches!(self.guest_net, Net::V6 { .. });
+        self.peer_mss = p.mss.unwrap_or(if v6 { 1220 } else { 536 }).max(64);
+        let start = g.isn.wrapping_add(1);
+        self.data_end = start;
+        self.committed_end = start;
+        self.snd_una = start;
+        self.snd_max = start;
+        self.retx_nxt = start;
+        self.adv_edge = seq::max(self.hs_edge.unwrap_or(start), start);
+        let need = u64::from(seq::dist(start, self.adv_edge));
+        if *ctx.global_reserved + need > ctx.cfg.global_cap as u64 {
+            self.phase = Phase::Fallback;
+            return false;
+        }
+        self.reserved = need;
+        *ctx.global_reserved += need;
+        let (wnd, wl1, wl2) = self.hs_peer_wnd.unwrap_or((u32::from(p.window), p.isn, start));
+        self.peer_wnd = wnd;
+        self.wl1 = wl1;
+        self.wl2 = wl2;
+        self.peer_contig = p.isn.wrapping_add(1);
+        self.guest_last_ack = p.isn.wrapping_add(1);
+        self.peer_ts_for_guest = p.tsval;
+        self.peer_ts_recent = p.tsval;
+        self.guest_ts_latest = g.tsval;
+        self.cwnd = ctx.cfg.initial_cwnd.max(1) * u32::from(self.peer_mss);
+        self.rto = ctx.cfg.initial_rto;
+        self.phase = Phase::Established;
+        *ctx.spec_flows += 1;
+        self.linger = None;
+        true
+    }
+
+    /// Initial committed ack state for a flow the peer opened (the guest's
+    /// SYN-ACK was released before the peer could acknowledge it).
+    pub(crate) fn init_committed_from_syn(&mut self) {
+        if let (Some(g), Some(p)) = (self.guest_syn, self.peer_syn) {
+            let ws = if g.wscale.is_some() && p.wscale.is_some() {
+                g.wscale.unwrap_or(0)
+            } else {
+                0
+            };
+            let a = AckInfo {
+                ack: p.isn.wrapping_add(1),
+                window: g.window >> ws,
+                tsval: g.tsval,
+                ..AckInfo::default()
+            };
+            self.committed_ack = Some(a);
+            self.last_sent_ack = Some((a.ack, a.window));
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Memory accounting and the window offered to the guest.
+
+    fn set_reserved(&mut self, ctx: &mut Ctx<'_>) {
+        let r = if self.phase == Phase::Established {
+            u64::from(seq::dist(self.snd_una, self.adv_edge))
+        } else {
+            0
+        };
+        *ctx.global_reserved = (*ctx.global_reserved + r).saturating_sub(self.reserved);
+        self.reserved = r;
+    }
+
+    pub(crate) fn release_all(&mut self, ctx: &mut Ctx<'_>) {
+        *ctx.global_held = ctx.global_held.saturating_sub(self.buf.len() as u64);
+        self.buf = VecDeque::new();
+        *ctx.global_reserved = ctx.global_reserved.saturating_sub(self.reserved);
+        self.reserved = 0;
+        self.rto_deadline = None;
+        self.persist_deadline = None;
+    }
+
+    fn held(&self) -> u64 {
+        u64::from(seq::dist(self.snd_una, self.spec_ack()))
+    }
+
+    fn guest_seg_size(&self) -> u64 {
+        u64::from(self.peer_mss)
+    }
+
+    /// Window the engine could offer now (bytes beyond the spec ACK), before
+    /// receiver silly-window avoidance.
+    fn offer(&self, ctx: &Ctx<'_>) -> (u64, u64) {
+        let ack = self.spec_ack();
+        let cur = u64::from(seq::dist(ack, self.adv_edge));
+        let budget = ctx.cfg.per_flow_budget as u64;
+        let cap = ctx.cfg.global_cap as u64;
+        let global_free = cap.saturating_sub(*ctx.global_reserved);
+        let mut offer = budget.saturating_sub(self.held()).min(cur + global_free);
+        if global_free < budget {
+            // The pool is tight: do not grow beyond a fair share of it.
+            let fair = cap / (*ctx.spec_flows).max(1) as u64;
+            offer = offer.min(fair.saturating_sub(self.held()).max(cur));
+        }
+        (cur, offer)
+    }
+
+    fn sws_threshold(&self, ctx: &Ctx<'_>) -> u64 {
+        self.guest_seg_size().min(ctx.cfg.per_flow_budget as u64 / 2).max(1)
+    }
+
+    /// Compute the window field for a segment to the guest, moving the
+    /// offered right edge (never left) and updating the reservation.
+    pub(crate) fn window_for_guest(&mut self, ctx: &mut Ctx<'_>) -> u16 {
+        let ack = self.spec_ack();
+        let (cur, offer) = self.offer(ctx);
+        let sws = self.sws_threshold(ctx);
+        let bytes = if offer >= cur + sws || (offer > cur && offer >= ctx.cfg.per_flow_budget as u64 / 2) {
+            offer
+        } else {
+            cur
+        };
+        let ws = u32::from(self.peer_ws);
+        let mut win = (bytes >> ws).min(65535);
+        if (win << ws) < cur {
+            // The scaled window cannot express the current edge exactly.
+            // Round up (no shrinking) unless that would let the flow exceed
+            // its budget; rounding up every time would creep the edge by up
+            // to 2^ws - 1 bytes per ACK. Rounding down shrinks the edge by
+            // less than 2^ws bytes, which RFC 7323 (2.4) tolerates; data the
+            // guest already sent up to the old edge is still accepted.
+            let up = cur.div_ceil(1u64 << ws).min(65535);
+            let limit = u64::from(seq::dist(
+                ack,
+                self.snd_una.wrapping_add(ctx.cfg.per_flow_budget as u32),
+            ));
+            if (up << ws) <= limit {
+                win = up;
+            }
+        }
+        let edge = ack.wrapping_add((win << ws) as u32);
+        self.adv_edge = seq::max(self.adv_edge, edge);
+        self.window_blocked = u64::from(seq::dist(ack, self.adv_edge)) < sws;
+        if self.window_blocked {
+            let budget_room = (ctx.cfg.per_flow_budget as u64).saturating_sub(self.held());
+            let global_free = (ctx.cfg.global_cap as u64).saturating_sub(*ctx.global_reserved);
+            if offer < budget_room && global_free < budget_room {
+                *ctx.global_blocked = true;
+            }
+        }
+        self.set_reserved(ctx);
+        win as u16
+    }
+
+    // ---------------------------------------------------------------
+    // Frames to the guest.
+
+    /// The guest's receive position as far as we know (seq of our ACKs).
+    pub(crate) fn guest_rcv_nxt(&self) -> u32 {
+        seq::max(self.guest_last_ack, self.peer_contig)
+    }
+
+    /// Send the guest a speculative ACK (also serves as window update).
+    pub(crate) fn send_spec_ack(&mut self, ctx: &mut Ctx<'_>) {
+        let window = self.window_for_guest(ctx);
+        let ack = self.spec_ack();
+        let ts = if self.ts_ok {
+            Some((self.peer_ts_for_guest.unwrap_or(0), self.guest_ts_latest.unwrap_or(0)))
+        } else {
+            None
+        };
+        let net = match self.guest_net.reversed() {
+            Net::V4 { src, dst, tos, df, .. } => Net::V4 {
+                src,
+                dst,
+                tos: tos & !3,
+                ttl: 64,
+                df,
+            },
+            Net::V6 {
+                src,
+                dst,
+                traffic_class,
+                ..
+            } => Net::V6 {
+                src,
+                dst,
+                traffic_class: traffic_class & !3,
+                flow_label: 0,
+                hop_limit: 64,
+            },
+        };
+        let frame = wire::Build {
+            eth_src: self.gw_mac,
+            eth_dst: self.guest_mac,
+            net,
+            ip_id: 0,
+            src_port: self.key.peer_port,
+            dst_port: self.key.guest_port,
+            seq: self.guest_rcv_nxt(),
+            ack,
+            flags: flags::ACK,
+            window,
+            mss: None,
+            wscale: None,
+            sack_permitted: false,
+            timestamps: ts,
+            sack: &[],
+        }
+        .to_frame(&[], &[]);
+        self.guest_seen_ack = Some(ack);
+        ctx.stats.spec_acks += 1;
+        ctx.out.push_back(Transmit { to: Side::Inner, frame });
+    }
+
+    /// If the guest's window was (nearly) closed and space has freed, tell it.
+    pub(crate) fn maybe_window_update(&mut self, ctx: &mut Ctx<'_>) {
+        if self.phase != Phase::Established || !self.window_blocked {
+            return;
+        }
+        let (cur, offer) = self.offer(ctx);
+        if offer >= cur + self.sws_threshold(ctx) || offer >= ctx.cfg.per_flow_budget as u64 / 2 {
+            ctx.stats.window_updates += 1;
+            self.send_spec_ack(ctx);
+        }
+    }
+
+    /// Rewrite a peer frame for the guest: ACK = speculative ACK, window =
+    /// the engine's offer, TSecr = the guest's latest TSval, SACK blocks
+    /// removed (they describe the engine-owned direction).
+    pub(crate) fn rewrite_for_guest(&mut self, ctx: &mut Ctx<'_>, frame: &[u8], seg: &Segment<'_>) -> Vec<u8> {
+        let window = self.window_for_guest(ctx);
+        let ack = self.spec_ack();
+        let mut f = frame[..seg.frame_len().min(frame.len())].to_vec();
+        let off = seg.tcp_offset;
+        let hl = seg.tcp_header_len;
+        if f.len() < off + hl || hl > 60 {
+            return f;
+        }
+        let mut old = [0u8; 60];
+        old[..hl].copy_from_slice(&f[off..off + hl]);
+        old[16] = 0;
+        old[17] = 0;
+        f[off + 8..off + 12].copy_from_slice(&ack.to_be_bytes());
+        f[off + 14..off + 16].copy_from_slice(&window.to_be_bytes());
+        if let (Some(o), Some(ts)) = (seg.opts.tsecr_offset, self.guest_ts_latest) {
+            if o + 4 <= hl {
+                f[off + o..off + o + 4].copy_from_slice(&ts.to_be_bytes());
+            }
+        }
+        if let Some((o, l)) = seg.opts.sack_option {
+            if o + l <= hl {
+                f[off + o..off + o + l].fill(1);
+            }
+        }
+        let mut new = [0u8; 60];
+        new[..hl].copy_from_slice(&f[off..off + hl]);
+        new[16] = 0;
+        new[17] = 0;
+        let c = wire::checksum_adjust(seg.checksum, &old[..hl], &new[..hl]);
+        f[off + 16..off + 18].copy_from_slice(&c.to_be_bytes());
+        self.guest_seen_ack = Some(ack);
+        f
+    }
+
+    /// Rewrite a late peer frame of a closed flow: ACK and window edge no
+    /// less than what the guest was told.
+    pub(crate) fn rewrite_closed(&mut self, frame: &[u8], seg: &Segment<'_>) -> Vec<u8> {
+        let mut f = frame[..seg.frame_len().min(frame.len())].to_vec();
+        let off = seg.tcp_offset;
+        if f.len() < off + 20 {
+            return f;
+        }
+        let ack = self.guest_seen_ack.map_or(seg.ack, |a| seq::max(a, seg.ack));
+        let ws = u32::from(self.peer_ws);
+        let need = u64::from(seq::dist(ack, self.adv_edge)).div_ceil(1u64 << ws);
+        let win = u64::from(seg.window).max(need).min(65535) as u16;
+        self.adv_edge = seq::max(self.adv_edge, ack.wrapping_add(u32::from(win) << ws));
+        let mut old = [0u8; 8];
+        old.copy_from_slice(&f[off + 8..off + 16]);
+        f[off + 8..off + 12].copy_from_slice(&ack.to_be_bytes());
+        f[off + 14..off + 16].copy_from_slice(&win.to_be_bytes());
+        let c = wire::checksum_adjust(seg.checksum, &old, &f[off + 8..off + 16]);
+        f[off + 16..off + 18].copy_from_slice(&c.to_be_bytes());
+        f
+    }
+
+    // ---------------------------------------------------------------
+    // Guest -> engine.
+
+    /// Accept a guest segment of an established flow. Returns the ack info
+    /// to queue in the epoch, whether it was a pure ACK, and whether the
+    /// guest must get a speculative ACK.
+    pub(crate) fn on_guest_segment(&mut self, ctx: &mut Ctx<'_>, seg: &Segment<'_>) -> (Option<AckInfo>, bool) {
+        self.guest_mac = seg.eth_src;
+        self.gw_mac = seg.eth_dst;
+        self.guest_net = seg.net;
+        let ackinfo = seg.has(flags::ACK).then(|| AckInfo::from_seg(seg));
+        if seg.has(flags::ACK) && seq::ge(seg.ack, self.guest_last_ack) {
+            self.guest_last_ack = seg.ack;
+        }
+        self.guest_last_window = seg.window;
+        if let Some((tsval, _)) = seg.opts.timestamps {
+            self.guest_ts_latest = Some(tsval);
+        }
+        let has_data = !seg.payload.is_empty() || seg.has(flags::FIN);
+        if !has_data {
+            if seq::lt(seg.seq, self.spec_ack()) {
+                // A window probe or keepalive (old sequence number): answer
+                // it like a receiver would; do not forward it as a separate
+                // (duplicate) ACK to the peer.
+                self.send_spec_ack(ctx);
+                return (ackinfo, false);
+            }
+            return (ackinfo, true);
+        }
+        if !self.fin {
+            let start = seg.seq;
+            let plen = seg.payload.len() as u32;
+            let end = start.wrapping_add(plen);
+            if seq::le(start, self.data_end) && seq::ge(end, self.data_end) {
+                let skip = seq::dist(start, self.data_end) as usize;
+                let room = seq::dist(self.data_end, self.adv_edge) as usize;
+                let take = (seg.payload.len() - skip).min(room);
+                self.buf.extend(&seg.payload[skip..skip + take]);
+                *ctx.global_held += take as u64;
+                self.data_end = self.data_end.wrapping_add(take as u32);
+                if seg.has(flags::FIN) && skip + take == seg.payload.len() {
+                    self.fin = true;
+                }
+            }
+        }
+        self.send_spec_ack(ctx);
+        (ackinfo, false)
+    }
+
+    // ---------------------------------------------------------------
+    // Epoch commit.
+
+    pub(crate) fn on_commit_item(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        now: Duration,
+        data_end: u32,
+        fin: bool,
+        ack: Option<AckInfo>,
+        pure: bool,
+    ) {
+        if seq::gt(data_end, self.committed_end) {
+            self.committed_end = data_end;
+        }
+        self.committed_fin |= fin;
+        if let Some(a) = ack {
+            self.committed_ack = Some(a);
+        }
+        if pure && ack.is_some() {
+            self.send_pure_ack(ctx, now);
+        }
+    }
+
+    /// After an epoch's items: send what the windows allow, and tell the
+    /// peer about a changed guest ACK/window.
+    pub(crate) fn after_commit(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        self.send_loop(ctx, now);
+        if let Some(a) = self.committed_ack {
+            if self.last_sent_ack != Some((a.ack, a.window)) {
+                self.send_pure_ack(ctx, now);
+            }
+        }
+        self.check_done(now, ctx);
+    }
+
+    /// Guest RST committed: deliver what is left, then reset.
+    pub(crate) fn on_guest_rst(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        self.rst_pending = true;
+        self.linger = Some(now + ctx.cfg.rst_linger);
+        self.maybe_send_rst(ctx, now, false);
+    }
+
+    fn maybe_send_rst(&mut self, ctx: &mut Ctx<'_>, now: Duration, force: bool) {
+        if !self.rst_pending || !(force || self.snd_una == self.stream_end_committed()) {
+            return;
+        }
+        let seqno = self.snd_una;
+        self.emit(ctx, now, seqno, 0, flags::RST | flags::ACK, false);
+        self.rst_pending = false;
+        self.close(ctx, now);
+    }
+
+    pub(crate) fn close(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        if self.phase == Phase::Established {
+            *ctx.spec_flows = ctx.spec_flows.saturating_sub(1);
+        }
+        self.release_all(ctx);
+        self.phase = Phase::Closed;
+        self.linger = Some(now + ctx.cfg.time_wait);
+    }
+
+    pub(crate) fn check_done(&mut self, now: Duration, ctx: &mut Ctx<'_>) {
+        if self.phase != Phase::Established {
+            return;
+        }
+        let fin_acked = self.committed_fin && self.snd_una == self.stream_end_committed() && self.fin;
+        let peer_fin_acked = match (self.peer_fin, self.committed_ack) {
+            (Some(f), Some(a)) => seq::gt(a.ack, f),
+            _ => false,
+        };
+        if fin_acked && peer_fin_acked {
+            self.close(ctx, now);
+        }
+    }
+
+    /// Abort after too many retransmission timeouts: reset both sides.
+    fn abort(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        ctx.stats.aborted_flows += 1;
+        let seqno = self.snd_max;
+        self.emit(ctx, now, seqno, 0, flags::RST | flags::ACK, false);
+        let net = self.guest_net.reversed();
+        let frame = wire::Build {
+            eth_src: self.gw_mac,
+            eth_dst: self.guest_mac,
+            net,
+            ip_id: 0,
+            src_port: self.key.peer_port,
+            dst_port: self.key.guest_port,
+            seq: self.guest_rcv_nxt(),
+            ack: self.spec_ack(),
+            flags: flags::RST | flags::ACK,
+            window: 0,
+            mss: None,
+            wscale: None,
+            sack_permitted: false,
+            timestamps: None,
+            sack: &[],
+        }
+        .to_frame(&[], &[]);
+        ctx.out.push_back(Transmit { to: Side::Inner, frame });
+        self.close(ctx, now);
+    }
+
+    // ---------------------------------------------------------------
+    // Engine -> peer.
+
+    fn opts_len(&self) -> usize {
+        let nsack = if self.sack_ok {
+            self.committed_ack.map_or(0, |a| a.sack_blocks().len().min(3))
+        } else {
+            0
+        };
+        wire::options_len(false, false, false, self.ts_ok, nsack)
+    }
+
+    /// Payload bytes per segment toward the peer.
+    pub(crate) fn mss_eff(&self, cfg: &Config) -> u32 {
+        let l3 = self.guest_net.header_len() + 20;
+        let by_mtu = cfg.mtu.saturating_sub(l3);
+        let base = usize::from(self.peer_mss).min(by_mtu);
+        base.saturating_sub(self.opts_len()).max(64) as u32
+    }
+
+    /// Build and queue one segment toward the peer.
+    fn emit(&mut self, ctx: &mut Ctx<'_>, now: Duration, seqno: u32, len: u32, fl: u8, probe_seq: bool) {
+        let _ = now;
+        let a = self.committed_ack.unwrap_or_else(|| AckInfo {
+            ack: self.peer_syn.map_or(0, |p| p.isn.wrapping_add(1)),
+            window: self.guest_syn.map_or(0, |g| g.window),
+            tsval: self.guest_syn.and_then(|g| g.tsval),
+            ..AckInfo::default()
+        });
+        let ts = if self.ts_ok {
+            Some((
+                a.tsval.or(self.guest_syn.and_then(|g| g.tsval)).unwrap_or(0),
+                self.peer_ts_recent.unwrap_or(0),
+            ))
+        } else {
+            None
+        };
+        let sack: &[(u32, u32)] = if self.sack_ok && fl & flags::RST == 0 {
+            let b = a.sack_blocks();
+            &b[..b.len().min(3)]
+        } else {
+            &[]
+        };
+        let off = seq::dist(self.snd_una, seqno) as usize;
+        let n = (len as usize).min(self.buf.len().saturating_sub(off));
+        let (s1, s2) = self.buf.as_slices();
+        let (p1, p2): (&[u8], &[u8]) = if n == 0 {
+            (&[], &[])
+        } else if off + n <= s1.len() {
+            (&s1[off..off + n], &s2[..0])
+        } else if off >= s1.len() {
+            let o2 = off - s1.len();
+            (&s1[..0], &s2[o2..o2 + n])
+        } else {
+            (&s1[off..], &s2[..n - (s1.len() - off)])
+        };
+        let mut fl = fl;
+        if !probe_seq && fl & flags::RST == 0 {
+            fl |= flags::ACK;
+            if n > 0 && off + n == self.buf.len() {
+                fl |= flags::PSH;
+            }
+        }
+        if a.ece && fl & flags::RST == 0 {
+            fl |= flags::ECE;
+        }
+        // Engine-built segments are not ECN-capable (the engine does not
+        // react to congestion marks).
+        let net = match self.guest_net {
+            Net::V4 { src, dst, tos, ttl, df } => Net::V4 {
+                src,
+                dst,
+                tos: tos & !3,
+                ttl,
+                df,
+            },
+            Net::V6 {
+                src,
+                dst,
+                traffic_class,
+                flow_label,
+                hop_limit,
+            } => Net::V6 {
+                src,
+                dst,
+                traffic_class: traffic_class & !3,
+                flow_label,
+                hop_limit,
+            },
+        };
+        let frame = wire::Build {
+            eth_src: self.guest_mac,
+            eth_dst: self.gw_mac,
+            net,
+            ip_id: self.ip_id,
+            src_port: self.key.guest_port,
+            dst_port: self.key.peer_port,
+            seq: if probe_seq { self.snd_una.wrapping_sub(1) } else { seqno },
+            ack: a.ack,
+            flags: fl,
+            window: a.window,
+            mss: None,
+            wscale: None,
+            sack_permitted: false,
+            timestamps: ts,
+            sack,
+        }
+        .to_frame(p1, p2);
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.last_sent_ack = Some((a.ack, a.window));
+        ctx.stats.segments_sent += 1;
+        ctx.out.push_back(Transmit { to: Side::Outer, frame });
+    }
+
+    pub(crate) fn resend_ack(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        self.send_pure_ack(ctx, now);
+    }
+
+    fn send_pure_ack(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        let s = self.snd_max;
+        self.emit(ctx, now, s, 0, flags::ACK, false);
+    }
+
+    fn sacked_in(&self, a: u32, b: u32) -> u32 {
+        let mut n = 0;
+        for &(l, r) in &self.sacked {
+            let l = seq::max(l, a);
+            let r = seq::min(r, b);
+            n += seq::dist(l, r);
+        }
+        n
+    }
+
+    fn high_sack(&self) -> u32 {
+        self.sacked.last().map_or(self.snd_una, |b| b.1)
+    }
+
+    fn lost_end(&self, cfg: &Config) -> Option<u32> {
+        let r = self.recovery?;
+        Some(if r.after_rto {
+            r.point
+        } else {
+            let one = self.snd_una.wrapping_add(self.mss_eff(cfg));
+            seq::min(seq::max(self.high_sack(), one), r.point)
+        })
+    }
+
+    /// RFC 6675-style estimate of the bytes in flight.
+    fn pipe(&self, cfg: &Config) -> u32 {
+        let flight = seq::dist(self.snd_una, self.snd_max);
+        let sacked = if self.sack_ok {
+            self.sacked_in(self.snd_una, self.snd_max)
+        } else {
+            (self.dupacks.saturating_mul(self.mss_eff(cfg))).min(flight)
+        };
+        let lost = match self.lost_end(cfg) {
+            Some(le) if seq::lt(self.retx_nxt, le) => seq::dist(self.retx_nxt, le) - self.sacked_in(self.retx_nxt, le),
+            _ => 0,
+        };
+        flight.saturating_sub(sacked).saturating_sub(lost)
+    }
+
+    /// First sequence number >= `s` not covered by a SACK block.
+    fn next_unsacked(&self, mut s: u32) -> u32 {
+        for &(l, r) in &self.sacked {
+            if seq::le(l, s) && seq::lt(s, r) {
+                s = r;
+            }
+        }
+        s
+    }
+
+    fn next_sack_start(&self, s: u32) -> Option<u32> {
+        self.sacked.iter().map(|b| b.0).find(|&l| seq::gt(l, s))
+    }
+
+    /// Right edge of the peer's receive window.
+    fn peer_edge(&self) -> u32 {
+        self.wl2.wrapping_add(self.peer_wnd)
+    }
+
+    /// The peer's window leaves no room beyond what was sent.
+    fn window_closed(&self) -> bool {
+        seq::le(self.peer_edge(), self.snd_max)
+    }
+
+    fn arm_rto(&mut self, now: Duration) {
+        if self.rto_deadline.is_none() {
+            self.rto_deadline = Some(now + self.rto);
+        }
+    }
+
+    /// Transmit retransmissions and new data as cwnd and the peer's window allow.
+    pub(crate) fn send_loop(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        if self.phase != Phase::Established {
+            return;
+        }
+        let cfg = ctx.cfg;
+        let mss = self.mss_eff(cfg);
+        let stream_end = self.stream_end_committed();
+        // Retransmissions during recovery.
+        while let Some(lost_end) = self.lost_end(cfg) {
+            let start = self.next_unsacked(seq::max(self.retx_nxt, self.snd_una));
+            if seq::ge(start, lost_end) || seq::ge(start, self.snd_max) {
+                self.retx_nxt = seq::max(self.retx_nxt, start);
+                break;
+            }
+            let mut end = seq::min(start.wrapping_add(mss), lost_end);
+            end = seq::min(end, self.snd_max);
+            if let Some(ns) = self.next_sack_start(start) {
+                end = seq::min(end, ns);
+            }
+            let data_end = seq::min(end, self.committed_end);
+            let len = seq::dist(start, data_end);
+            let fin = self.committed_fin && data_end == self.committed_end && seq::gt(end, self.committed_end);
+            if self.pipe(cfg).saturating_add(len.max(1)) > self.cwnd {
+                return;
+            }
+            self.retransmit(ctx, now, start, len, fin);
+            self.retx_nxt = end;
+        }
+        // New data.
+        loop {
+            if seq::ge(self.snd_max, stream_end) {
+                break;
+            }
+            let data_left = seq::dist(self.snd_max, self.committed_end);
+            let wnd_room = seq::dist(self.snd_max, self.peer_edge());
+            let cwnd_room = self.cwnd.saturating_sub(self.pipe(cfg));
+            let len = data_left.min(mss).min(wnd_room).min(cwnd_room);
+            let outstanding = self.snd_max != self.snd_una;
+            if data_left > 0 {
+                if len == 0 || (len < mss && len < data_left && outstanding) {
+                    break;
+                }
+            } else if cwnd_room == 0 && outstanding {
+                break;
+            }
+            let fin = self.committed_fin && self.snd_max.wrapping_add(len) == self.committed_end;
+            let s = self.snd_max;
+            self.emit(ctx, now, s, len, if fin { flags::FIN } else { 0 }, false);
+            self.snd_max = s.wrapping_add(len).wrapping_add(u32::from(fin));
+            if self.rtt_probe.is_none() && self.recovery.is_none() {
+                self.rtt_probe = Some((self.snd_max, now));
+            }
+            self.arm_rto(now);
+        }
+        if self.snd_max == self.snd_una && seq::lt(self.snd_max, stream_end) && self.window_closed() {
+            if self.persist_deadline.is_none() {
+                self.persist_deadline = Some(now + self.persist_interval(cfg));
+            }
+        } else {
+            self.persist_deadline = None;
+        }
+    }
+
+    fn persist_interval(&self, cfg: &Config) -> Duration {
+        let base = self.rto.max(cfg.min_rto);
+        base.saturating_mul(1u32 << self.persist_backoff.min(16))
+            .min(cfg.max_rto)
+    }
+
+    fn retransmit(&mut self, ctx: &mut Ctx<'_>, now: Duration, start: u32, len: u32, fin: bool) {
+        ctx.stats.retransmits += 1;
+        // Karn: never sample RTT from a retransmitted range.
+        if let Some((end, _)) = self.rtt_probe {
+            if seq::gt(end, start) {
+                self.rtt_probe = None;
+            }
+        }
+        self.emit(ctx, now, start, len, if fin { flags::FIN } else { 0 }, false);
+        self.arm_rto(now);
+    }
+
+    fn enter_recovery(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        let mss = self.mss_eff(ctx.cfg);
+        let flight = seq::dist(self.snd_una, self.snd_max);
+        self.ssthresh = (flight / 2).max(2 * mss);
+        self.cwnd = self.ssthresh;
+        self.recovery = Some(Recovery {
+            point: self.snd_max,
+            after_rto: false,
+        });
+        ctx.stats.fast_recoveries += 1;
+        // Fast retransmit of the first hole, regardless of cwnd.
+        let start = self.next_unsacked(self.snd_una);
+        if seq::lt(start, self.snd_max) {
+            let mut end = seq::min(start.wrapping_add(mss), self.snd_max);
+            if let Some(ns) = self.next_sack_start(start) {
+                end = seq::min(end, ns);
+            }
+            let data_end = seq::min(end, self.committed_end);
+            let fin = self.committed_fin && data_end == self.committed_end && seq::gt(end, self.committed_end);
+            self.retransmit(ctx, now, start, seq::dist(start, data_end), fin);
+            self.retx_nxt = end;
+        } else {
+            self.retx_nxt = self.snd_una;
+        }
+    }
+
+    fn rtt_sample(&mut self, cfg: &Config, r: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                let diff = s.abs_diff(r);
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((s * 7 + r) / 8);
+            }
+        }
+        self.update_rto(cfg);
+    }
+
+    fn update_rto(&mut self, cfg: &Config) {
+        if let Some(s) = self.srtt {
+            let k = (self.rttvar * 4).max(Duration::from_millis(1));
+            self.rto = (s + k).clamp(cfg.min_rto, cfg.max_rto);
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Peer -> engine.
+
+    /// Process the ACK, window and SACK fields of a peer segment.
+    pub(crate) fn on_peer_ack(&mut self, ctx: &mut Ctx<'_>, now: Duration, seg: &Segment<'_>) {
+        let ack = seg.ack;
+        if seq::lt(ack, self.snd_una.wrapping_sub(1 << 30)) {
+            return;
+        }
+        if seq::gt(ack, self.snd_max) {
+            // Only committed data can have reached the peer (e.g. sent by
+            // the previous primary before a failover); anything else is bogus.
+            if seq::gt(ack, self.stream_end_committed()) {
+                return;
+            }
+            self.snd_max = ack;
+        }
+        let wnd = u32::from(seg.window) << self.peer_ws;
+        let old_wnd = self.peer_wnd;
+        if seq::ge(ack, self.snd_una) && (seq::lt(self.wl1, seg.seq) || (self.wl1 == seg.seq && seq::le(self.wl2, ack)))
+        {
+            self.peer_wnd = wnd;
+            self.wl1 = seg.seq;
+            self.wl2 = ack;
+        }
+        if self.sack_ok {
+            for &(l, r) in seg.opts.sack_blocks() {
+                self.add_sack(l, r);
+            }
+        }
+        let cfg = ctx.cfg;
+        let mss = self.mss_eff(cfg);
+        if seq::gt(ack, self.snd_una) {
+            let acked = seq::dist(self.snd_una, ack);
+            let bytes = seq::dist(self.snd_una, seq::min(ack, self.data_end)) as usize;
+            let bytes = bytes.min(self.buf.len());
+            self.buf.drain(..bytes);
+            *ctx.global_held = ctx.global_held.saturating_sub(bytes as u64);
+            self.snd_una = ack;
+            self.retx_nxt = seq::max(self.retx_nxt, ack);
+            self.sacked.retain(|b| seq::gt(b.1, ack));
+            if let Some(first) = self.sacked.first_mut() {
+                first.0 = seq::max(first.0, ack);
+            }
+            if let Some((end, t)) = self.rtt_probe {
+                if seq::ge(ack, end) {
+                    self.rtt_sample(cfg, now.saturating_sub(t));
+                    self.rtt_probe = None;
+                }
+            }
+            self.retries = 0;
+            self.update_rto(cfg);
+            if self.srtt.is_none() {
+                self.rto = cfg.initial_rto;
+            }
+            self.dupacks = 0;
+            match self.recovery {
+                Some(r) if seq::ge(ack, r.point) => {
+                    self.recovery = None;
+                    if !r.after_rto {
+                        self.cwnd = self.ssthresh.max(mss);
+                    }
+                }
+                // After a timeout, slow start continues during recovery.
+                Some(r) if r.after_rto => {
+                    self.cwnd = self
+                        .cwnd
+                        .saturating_add(acked.min(self.cwnd))
+                        .min(self.ssthresh.max(mss));
+                }
+                Some(_) => {}
+                None => {
+                    if self.cwnd < self.ssthresh {
+                        self.cwnd = self.cwnd.saturating_add(acked.min(self.cwnd));
+                    } else {
+                        self.ca_acc = self.ca_acc.saturating_add(acked);
+                        if self.ca_acc >= self.cwnd {
+                            self.ca_acc -= self.cwnd;
+                            self.cwnd = self.cwnd.saturating_add(mss);
+                        }
+                    }
+                }
+            }
+            self.rto_deadline = if self.snd_una != self.snd_max {
+                Some(now + self.rto)
+            } else {
+                None
+            };
+            self.set_reserved(ctx);
+            self.maybe_send_rst(ctx, now, false);
+        } else if ack == self.snd_una
+            && seg.payload.is_empty()
+            && !seg.has(flags::FIN)
+            && wnd == old_wnd
+            && self.snd_max != self.snd_una
+        {
+            self.dupacks += 1;
+        }
+        self.probes_out = 0;
+        if !self.window_closed() {
+            self.persist_backoff = 0;
+        }
+        if self.recovery.is_none() && self.snd_max != self.snd_una {
+            let sack_loss = self.sack_ok && self.sacked_in(self.snd_una, self.snd_max) >= 3 * mss;
+            if self.dupacks >= 3 || sack_loss {
+                self.enter_recovery(ctx, now);
+            }
+        }
+        if let Some((tsval, _)) = seg.opts.timestamps {
+            self.peer_ts_recent = Some(self.peer_ts_recent.map_or(tsval, |t| seq::max(t, tsval)));
+        }
+    }
+
+    fn add_sack(&mut self, l: u32, r: u32) {
+        let l = seq::max(l, self.snd_una);
+        let r = seq::min(r, self.snd_max);
+        if !seq::lt(l, r) {
+            return;
+        }
+        let mut nl = l;
+        let mut nr = r;
+        let mut out = Vec::with_capacity(self.sacked.len() + 1);
+        let mut placed = false;
+        for &(bl, br) in &self.sacked {
+            if seq::lt(br, nl) {
+                out.push((bl, br));
+            } else if seq::gt(bl, nr) {
+                if !placed {
+                    out.push((nl, nr));
+                    placed = true;
+                }
+                out.push((bl, br));
+            } else {
+                nl = seq::min(nl, bl);
+                nr = seq::max(nr, br);
+            }
+        }
+        if !placed {
+            out.push((nl, nr));
+        }
+        self.sacked = out;
+    }
+
+    /// Track the peer->guest direction for a segment passed to the guest
+    /// (or consumed): contiguous position, FIN, TSval for the guest's view.
+    pub(crate) fn note_peer_data(&mut self, seg: &Segment<'_>) {
+        let end = seg.seq.wrapping_add(seg.payload.len() as u32);
+        let in_order = seq::le(seg.seq, self.peer_contig);
+        if in_order {
+            if let Some((tsval, _)) = seg.opts.timestamps {
+                self.peer_ts_for_guest = Some(self.peer_ts_for_guest.map_or(tsval, |t| seq::max(t, tsval)));
+            }
+        }
+        let fin_end = end.wrapping_add(u32::from(seg.has(flags::FIN)));
+        if in_order {
+            if seq::gt(fin_end, self.peer_contig) {
+                self.peer_contig = fin_end;
+            }
+            // The guest reassembles: ranges passed out of order join.
+            while let Some(&(l, r)) = self.peer_ooo.first() {
+                if seq::gt(l, self.peer_contig) {
+                    break;
+                }
+                self.peer_contig = seq::max(self.peer_contig, r);
+                self.peer_ooo.remove(0);
+            }
+        } else if seq::gt(fin_end, seg.seq) && self.peer_ooo.len() < 32 {
+            let pos = self
+                .peer_ooo
+                .iter()
+                .position(|&(l, _)| seq::gt(l, seg.seq))
+                .unwrap_or(self.peer_ooo.len());
+            self.peer_ooo.insert(pos, (seg.seq, fin_end));
+            // Merge overlapping neighbours.
+            let mut merged: Vec<(u32, u32)> = Vec::with_capacity(self.peer_ooo.len());
+            for &(l, r) in &self.peer_ooo {
+                match merged.last_mut() {
+                    Some(last) if seq::le(l, last.1) => last.1 = seq::max(last.1, r),
+                    _ => merged.push((l, r)),
+                }
+            }
+            self.peer_ooo = merged;
+        }
+        if seg.has(flags::FIN) {
+            self.peer_fin = Some(end);
+        }
+    }
+
+    /// A peer RST is acceptable if its sequence number is inside the
+    /// receive window the guest is known to have.
+    pub(crate) fn peer_rst_valid(&self, seg: &Segment<'_>) -> bool {
+        let lo = self.guest_last_ack;
+        let wnd = (u32::from(self.guest_last_window) << self.guest_ws).max(65535);
+        seq::ge(seg.seq, lo) && seq::le(seg.seq, lo.wrapping_add(wnd))
+    }
+
+    pub(crate) fn resume_after_failover(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        let cfg = ctx.cfg;
+        self.rtt_probe = None;
+        self.rto_deadline = None;
+        self.persist_deadline = None;
+        self.persist_backoff = 0;
+        self.retries = 0;
+        self.probes_out = 0;
+        self.linger = match self.phase {
+            Phase::Handshake | Phase::Fallback => Some(now + cfg.handshake_timeout),
+            Phase::Closed => Some(now + cfg.time_wait),
+            Phase::Established if self.rst_pending => Some(now + cfg.rst_linger),
+            Phase::Established => None,
+        };
+        if self.phase != Phase::Established {
+            return;
+        }
+        let mss = self.mss_eff(cfg);
+        self.dupacks = 0;
+        self.sacked.clear();
+        self.cwnd = cfg.initial_cwnd.max(1) * mss;
+        if self.snd_una != self.snd_max {
+            self.recovery = Some(Recovery {
+                point: self.snd_max,
+                after_rto: true,
+            });
+            self.retx_nxt = self.snd_una;
+        } else {
+            self.recovery = None;
+        }
+        self.send_loop(ctx, now);
+        if self.snd_una != self.snd_max {
+            self.arm_rto(now);
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Timers.
+
+    pub(crate) fn on_timeout(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        if let Some(d) = self.linger {
+            if d <= now {
+                if self.rst_pending {
+                    self.maybe_send_rst(ctx, now, true);
+                    return;
+                }
+                // Closed/handshake expiry is handled by the engine.
+                if matches!(self.phase, Phase::Established) {
+                    self.linger = None;
+                }
+            }
+        }
+        if self.phase != Phase::Established {
+            return;
+        }
+        if let Some(d) = self.rto_deadline {
+            if d <= now {
+                self.rto_deadline = None;
+                if self.snd_una != self.snd_max {
+                    // With a zero window the peer is alive but not reading:
+                    // the retransmissions are window probes (as in Linux),
+                    // counted only while the peer does not answer them.
+                    if self.window_closed() {
+                        self.probes_out += 1;
+                    } else {
+                        self.retries += 1;
+                    }
+                    if self.retries > ctx.cfg.max_retries || self.probes_out > ctx.cfg.max_retries {
+                        self.abort(ctx, now);
+                        return;
+                    }
+                    ctx.stats.timeouts += 1;
+                    let mss = self.mss_eff(ctx.cfg);
+                    if self.recovery.is_none_or(|r| !r.after_rto) {
+                        let flight = self.pipe(ctx.cfg);
+                        self.ssthresh = (flight / 2).max(2 * mss);
+                    }
+                    self.cwnd = mss;
+                    self.ca_acc = 0;
+                    self.dupacks = 0;
+                    self.rtt_probe = None;
+                    self.recovery = Some(Recovery {
+                        point: self.snd_max,
+                        after_rto: true,
+                    });
+                    self.retx_nxt = self.snd_una;
+                    self.rto = (self.rto * 2).min(ctx.cfg.max_rto);
+                    self.send_loop(ctx, now);
+                    self.arm_rto(now);
+                }
+            }
+        }
+        if let Some(d) = self.persist_deadline {
+            if d <= now {
+                self.persist_deadline = None;
+                if self.window_closed() && self.snd_una == self.snd_max {
+                    self.probes_out += 1;
+                    if self.probes_out > ctx.cfg.max_retries {
+                        self.abort(ctx, now);
+                        return;
+                    }
+                    ctx.stats.zero_window_probes += 1;
+                    let s = self.snd_una;
+                    self.emit(ctx, now, s, 0, flags::ACK, true);
+                    self.persist_backoff += 1;
+                    self.persist_deadline = Some(now + self.persist_interval(ctx.cfg));
+                } else {
+                    self.send_loop(ctx, now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! `remora-spec`: the sans-IO speculative TCP engine of remora.
+//!
+//! The engine sits between the guest ("inner" side) and the network
+//! ("outer" side, the peer) and sees layer-2 Ethernet frames. It has no
+//! sockets and no clocks: frames, epoch events and the current time go in
+//! ([`Engine::handle_inner`], [`Engine::handle_outer`], [`Engine::seal_epoch`],
+//! [`Engine::commit_epoch`], [`Engine::handle_timeout`]); frames and timer
+//! requests come out ([`Engine::poll_transmit`], [`Engine::poll_timeout`]).
+//!
+//! Modes ([`Mode`]):
+//! * `Direct`: both directions are forwarded at once (no replication).
+//! * `Buffered`: plain Remus output commit; every inner->outer frame is held
+//!   until the epoch it was received in commits.
+//! * `Speculative`: TCP flows seen from their SYN are acknowledged to the
+//!   guest at once; their bytes are held until their epoch commits and the
+//!   engine then owns their reliable delivery to the peer (retransmission,
+//!   RFC 6298 RTO, fast retransmit / SACK recovery, NewReno congestion
+//!   control, zero-window probing). Everything else falls back to `Buffered`.
+//!
+//! Outer->inner frames are always delivered at once; in `Speculative` mode
+//! the ACK, window, SACK and TSecr fields of established flows are rewritten
+//! to the guest's (speculative) view, and pure ACKs of the peer are consumed.
+//!
+//! Frames with offloaded (partial) checksums are accepted through
+//! [`Engine::handle_inner_with`] / [`Engine::handle_outer_with`]. After a
+//! failover, a snapshot of the engine taken at `seal_epoch` is resumed with
+//! [`Engine::resume_after_failover`]. The crate's README.md describes the
+//! design in detail and what a driver (the relay, the VMM) must do.
+
+mod engine;
+mod flow;
+mod seq;
+pub mod wire;
+
+pub use engine::Engine;
+pub use flow::FlowKey;
+
+use std::time::Duration;
+
+/// Forwarding mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward both ways at once.
+    Direct,
+    /// Hold every inner->outer frame until its epoch commits.
+    Buffered,
+    /// Speculate established TCP flows; everything else as `Buffered`.
+    Speculative,
+}
+
+/// The two sides of the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The guest.
+    Inner,
+    /// The network / peer.
+    Outer,
+}
+
+/// A frame to deliver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: Side,
+    /// A complete Ethernet II frame (no vnet header; checksums complete for
+    /// frames the engine built; passthrough frames are left as received).
+    pub frame: Vec<u8>,
+}
+
+/// The state of a received frame's checksums, as a virtio-net header
+/// (vnet_hdr) would describe it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Checksum {
+    /// Checksums are complete but not verified (outer TCP frames of
+    /// tracked flows are verified if [`Config::verify_outer_checksums`]).
+    #[default]
+    Complete,
+    /// Verified by the device/kernel (`VIRTIO_NET_HDR_F_DATA_VALID`).
+    Verified,
+    /// The TCP checksum is partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`: only the
+    /// pseudo-header sum is filled in). The engine completes it, so every
+    /// frame it outputs carries complete checksums.
+    Partial,
+}
+
+/// Identifier of an epoch (monotonically increasing from 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EpochId(pub u64);
+
+/// Engine configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    /// Bytes a speculative flow may hold (accepted from the guest and not yet
+    /// acknowledged by the peer). The window offered to the guest never lets
+    /// it exceed this (except for the window the peer already offered in its
+    /// SYN-ACK, at most 64 KiB, which the engine must honour).
+    pub per_flow_budget: usize,
+    /// Bytes all speculative flows together may reserve. A flow that cannot
+    /// reserve its initial window at establishment is not speculated.
+    pub global_cap: usize,
+    /// Bytes of raw frames held for output commit (fallback traffic). Frames
+    /// beyond it are dropped (counted in [`Stats::buffered_drops`]).
+    pub buffered_cap: usize,
+    /// Maximum number of tracked flows; further SYNs are not speculated.
+    pub max_flows: usize,
+    /// IP MTU toward the peer (limits the segments the engine builds).
+    pub mtu: usize,
+    /// Lower bound of the retransmission timeout (Linux: 200 ms, RFC 6298: 1 s).
+    pub min_rto: Duration,
+    /// Upper bound of the retransmission timeout (with backoff).
+    pub max_rto: Duration,
+    /// RTO before the first RTT sample.
+    pub initial_rto: Duration,
+    /// Consecutive RTOs without progress, or window probes the peer does
+    /// not answer, after which a flow is aborted (RST to both sides).
+    /// A peer that answers probes with a zero window is waited for forever.
+    pub max_retries: u32,
+    /// Initial congestion window in segments (RFC 6928: 10).
+    pub initial_cwnd: u32,
+    /// Verify TCP/IPv4 checksums of outer frames of tracked flows before
+    /// acting on them (corrupt frames are dropped).
+    pub verify_outer_checksums: bool,
+    /// How long a closed flow's state is kept (so late duplicates of the
+    /// peer still get the guest's view of the ACK).
+    pub time_wait: Duration,
+    /// How long an unfinished handshake is tracked.
+    pub handshake_timeout: Duration,
+    /// After the guest resets a flow whose data the peer has not yet all
+    /// acknowledged, how long the engine keeps delivering before sending
+    /// the reset anyway.
+    pub rst_linger: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Speculative,
+            per_flow_budget: 4 << 20,
+            global_cap: 256 << 20,
+            buffered_cap: 64 << 20,
+            max_flows: 65536,
+            mtu: 1500,
+            min_rto: Duration::from_millis(200),
+            max_rto: Duration::from_secs(60),
+            initial_rto: Duration::from_secs(1),
+            max_retries: 15,
+            initial_cwnd: 10,
+            verify_outer_checksums: true,
+            time_wait: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(75),
+            rst_linger: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters and gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Tracked flows (any phase).
+    pub flows: usize,
+    /// Flows currently speculated.
+    pub speculative_flows: usize,
+    /// Bytes held by speculative flows (uncommitted + unacknowledged by the peer).
+    pub bytes_held: u64,
+    /// Bytes reserved by the windows offered to the guest (>= bytes_held).
+    pub bytes_reserved: u64,
+    /// Bytes of raw frames held for output commit.
+    pub buffered_bytes: u64,
+    pub inner_frames: u64,
+    pub outer_frames: u64,
+    /// Frames (either side) that were not TCP or not understood.
+    pub non_tcp_frames: u64,
+    /// TCP frames of flows not speculated (fallback to output commit).
+    pub fallback_frames: u64,
+    pub spec_acks: u64,
+    pub window_updates: u64,
+    pub segments_sent: u64,
+    pub retransmits: u64,
+    pub fast_recoveries: u64,
+    pub timeouts: u64,
+    pub zero_window_probes: u64,
+    pub peer_acks_consumed: u64,
+    pub bad_checksum_drops: u64,
+    pub buffered_drops: u64,
+    pub aborted_flows: u64,
+    pub epochs_committed: u64,
+}

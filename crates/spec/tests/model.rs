@@ -1,0 +1,374 @@
+//! End-to-end tests of the engine against model endpoints and a lossy link.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use remora_spec::Mode;
+
+fn opts(ws: Option<u8>, sack: bool, ts: bool) -> Opts {
+    Opts {
+        mss: 1460,
+        ws,
+        sack,
+        ts,
+    }
+}
+
+struct Params {
+    mode: Mode,
+    ipv6: bool,
+    ws: bool,
+    sack: bool,
+    ts: bool,
+    seed: u64,
+    loss: u32,
+    dup: u32,
+    jitter: u64,
+    epoch_ms: u64,
+    commit_delay: u64,
+    len: usize,
+    budget: usize,
+    reverse: usize,
+}
+
+fn run(p: &Params) -> Sim {
+    let ws = p.ws.then_some(7);
+    let mut sim = Sim::new(
+        p.mode,
+        p.budget,
+        p.ipv6,
+        opts(ws, p.sack, p.ts),
+        opts(if p.ws { Some(2) } else { None }, p.sack, p.ts),
+        p.seed,
+        p.loss,
+        p.dup,
+        p.jitter,
+    );
+    sim.epoch_ms = p.epoch_ms;
+    sim.commit_delay = p.commit_delay;
+    sim.next_seal = p.epoch_ms;
+    // The peer's SYN-ACK window must not exceed the budget for the
+    // "held <= budget + one segment" property.
+    sim.peer.rcv_buf = 256 * 1024;
+    sim.guest.data = data(p.len, p.seed);
+    sim.guest.fin_wanted = true;
+    sim.peer.data = data(p.reverse, p.seed + 1);
+    sim.peer.reply_fin_on_fin = true;
+    sim.peer.listen();
+    sim.guest.connect(0);
+    sim
+}
+
+fn check(p: &Params, sim: &mut Sim) -> Result<(), TestCaseError> {
+    let done = sim.run_until(1_000_000, |s| {
+        s.guest.all_acked() && s.peer.all_acked() && s.peer.fin_rcvd && s.guest.fin_rcvd && s.engine.is_idle()
+    });
+    let v: Vec<String> = sim
+        .guest
+        .violations
+        .iter()
+        .chain(sim.peer.violations.iter())
+        .chain(sim.commit_violations.iter())
+        .cloned()
+        .collect();
+    prop_assert!(v.is_empty(), "violations: {:?}", v);
+    prop_assert!(
+        done,
+        "not done: guest acked {} peer acked {} fins {} {} idle {} peer {:?} guest {:?} peer got {}/{} guest got {}/{} stats {:?}",
+        sim.guest.all_acked(),
+        sim.peer.all_acked(),
+        sim.peer.fin_rcvd,
+        sim.guest.fin_rcvd,
+        sim.engine.is_idle(),
+        (sim.peer.st, sim.peer.snd_una, sim.peer.snd_nxt, sim.peer.fin_wanted),
+        (sim.guest.st, sim.guest.snd_una, sim.guest.snd_nxt, sim.guest.rcv_nxt),
+        sim.peer.received.len(),
+        p.len,
+        sim.guest.received.len(),
+        p.reverse,
+        sim.engine.stats()
+    );
+    prop_assert!(sim.peer.received == sim.guest.data, "peer stream differs");
+    prop_assert!(sim.guest.received == sim.peer.data, "guest stream differs");
+    if p.mode == Mode::Speculative {
+        prop_assert!(
+            sim.max_held <= p.budget + 1460,
+            "held {} > budget {}",
+            sim.max_held,
+            p.budget
+        );
+    }
+    // Everything acknowledged: no retransmission left, and once the closed
+    // flow's linger passes, no timers at all.
+    let stats = sim.engine.stats();
+    prop_assert_eq!(stats.bytes_held, 0);
+    sim.to_peer.enabled = false;
+    sim.to_engine.enabled = false;
+    let end = sim.now + 20_000;
+    sim.run_until(end, |_| false);
+    prop_assert_eq!(sim.engine.poll_timeout(), None);
+    let stats = sim.engine.stats();
+    prop_assert_eq!(stats.flows, 0, "{:?}", stats);
+    prop_assert_eq!(stats.bytes_reserved, 0);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Guest -> peer bulk data (and a little data back) through a lossy,
+    /// duplicating, reordering outer link with arbitrary epochs.
+    #[test]
+    fn speculative_stream_is_exact(
+        ipv6 in any::<bool>(),
+        ws in any::<bool>(),
+        sack in any::<bool>(),
+        ts in any::<bool>(),
+        seed in any::<u64>(),
+        loss in 0u32..30,
+        dup in 0u32..20,
+        jitter in 0u64..100,
+        epoch_ms in 1u64..40,
+        commit_delay in 0u64..60,
+        len in 0usize..400_000,
+        budget in 65_536usize..400_000,
+        reverse in 0usize..20_000,
+        rcv_buf in 8_000usize..300_000,
+        read_rate in 50usize..200_000,
+        write_rate in proptest::option::of(1usize..2_000),
+        inner_loss in prop_oneof![Just(0u32), 1u32..8],
+    ) {
+        let p = Params { mode: Mode::Speculative, ipv6, ws, sack, ts, seed, loss, dup, jitter, epoch_ms, commit_delay, len, budget, reverse };
+        let mut sim = run(&p);
+        sim.guest.write_rate = write_rate;
+        sim.inner_loss = inner_loss;
+        sim.peer.rcv_buf = rcv_buf.min(budget);
+        sim.peer.read_rate = read_rate;
+        check(&p, &mut sim)?;
+        if loss >= 10 && len > 100_000 {
+            // Retransmission really happened on lossy links.
+            prop_assert!(sim.engine.stats().retransmits > 0);
+        }
+    }
+
+    /// Peer -> guest data passes with rewritten ACKs that never go backwards.
+    #[test]
+    fn reverse_stream_is_exact(
+        ipv6 in any::<bool>(),
+        sack in any::<bool>(),
+        seed in any::<u64>(),
+        loss in 0u32..20,
+        dup in 0u32..10,
+        jitter in 0u64..20,
+        epoch_ms in 1u64..30,
+        commit_delay in 0u64..30,
+        reverse in 1usize..100_000,
+        len in 0usize..5_000,
+    ) {
+        let p = Params { mode: Mode::Speculative, ipv6, ws: true, sack, ts: true, seed, loss, dup, jitter, epoch_ms, commit_delay, len, budget: 131_072, reverse };
+        let mut sim = run(&p);
+        check(&p, &mut sim)?;
+    }
+
+    /// Plain output commit and direct mode deliver the same streams.
+    #[test]
+    fn buffered_and_direct_streams_are_exact(
+        direct in any::<bool>(),
+        seed in any::<u64>(),
+        loss in 0u32..10,
+        epoch_ms in 1u64..30,
+        len in 0usize..40_000,
+    ) {
+        let mode = if direct { Mode::Direct } else { Mode::Buffered };
+        let p = Params { mode, ipv6: false, ws: true, sack: true, ts: true, seed, loss, dup: 0, jitter: 0, epoch_ms, commit_delay: 3, len, budget: 131_072, reverse: 1000 };
+        let mut sim = run(&p);
+        // Fallback modes keep no flow state and no timers.
+        let done = sim.run_until(1_000_000, |s| s.guest.all_acked() && s.peer.all_acked() && s.peer.fin_rcvd && s.guest.fin_rcvd);
+        prop_assert!(done);
+        prop_assert!(sim.commit_violations.is_empty(), "{:?}", sim.commit_violations);
+        prop_assert!(sim.peer.received == sim.guest.data);
+        prop_assert!(sim.guest.received == sim.peer.data);
+        prop_assert_eq!(sim.engine.poll_timeout(), None);
+    }
+}
+
+/// A peer that stops reading: the window closes, memory stays within the
+/// budget, zero-window probes keep the flow alive, and when the peer reads
+/// again a window update reaches the guest and the transfer completes.
+#[test]
+fn zero_window_peer_keeps_memory_bounded() {
+    let p = Params {
+        mode: Mode::Speculative,
+        ipv6: false,
+        ws: true,
+        sack: true,
+        ts: true,
+        seed: 7,
+        loss: 5,
+        dup: 0,
+        jitter: 5,
+        epoch_ms: 10,
+        commit_delay: 5,
+        len: 600_000,
+        budget: 100_000,
+        reverse: 0,
+    };
+    let mut sim = run(&p);
+    sim.peer.rcv_buf = 64 * 1024;
+    sim.peer.read_rate = 0;
+    sim.run_until(20_000, |_| false);
+    assert!(sim.max_held <= p.budget + 1460, "held {}", sim.max_held);
+    let st = sim.engine.stats();
+    assert!(st.zero_window_probes > 0, "{st:?}");
+    assert!(sim.peer.received.len() < p.len);
+    assert!(sim.guest.violations.is_empty(), "{:?}", sim.guest.violations);
+    // The guest's window is closed: it has sent at most budget + 64K.
+    let sent = sim.guest.snd_nxt.wrapping_sub(sim.guest.isn) as usize;
+    assert!(sent <= p.budget + 64 * 1024 + 1460, "guest sent {sent}");
+    sim.peer.read_rate = 1 << 20;
+    let ok = sim.run_until(400_000, |s| s.guest.all_acked() && s.peer.received.len() == p.len);
+    assert!(ok, "{:?}", sim.engine.stats());
+    assert!(sim.engine.stats().window_updates > 0);
+    assert_eq!(sim.peer.received, sim.guest.data);
+}
+
+/// A connection the engine did not see from its SYN falls back to output
+/// commit and still works.
+#[test]
+fn mid_stream_flow_falls_back_and_works() {
+    let p = Params {
+        mode: Mode::Speculative,
+        ipv6: false,
+        ws: true,
+        sack: true,
+        ts: true,
+        seed: 3,
+        loss: 3,
+        dup: 2,
+        jitter: 5,
+        epoch_ms: 10,
+        commit_delay: 5,
+        len: 30_000,
+        budget: 100_000,
+        reverse: 5_000,
+    };
+    let mut sim = run(&p);
+    // Run the handshake in Direct mode (engine not in the path), then swap
+    // in a fresh speculative engine: the flow is unknown to it.
+    let cfg = sim.engine.config().clone();
+    sim.engine = remora_spec::Engine::new(remora_spec::Config {
+        mode: Mode::Direct,
+        ..cfg.clone()
+    });
+    sim.guest.data.truncate(0);
+    sim.guest.fin_wanted = false;
+    let d = data(p.len, 3);
+    assert!(sim.run_until(5_000, |s| s.guest.st == St::Established && s.peer.st == St::Established));
+    sim.guest.data = d;
+    sim.guest.fin_wanted = true;
+    sim.engine = remora_spec::Engine::new(cfg);
+    sim.guest.rto_ms = Some(300);
+    let ok = sim.run_until(200_000, |s| {
+        s.guest.all_acked() && s.peer.all_acked() && s.peer.fin_rcvd && s.guest.fin_rcvd
+    });
+    assert!(ok, "{:?}", sim.engine.stats());
+    assert_eq!(sim.peer.received, sim.guest.data);
+    let st = sim.engine.stats();
+    assert_eq!(st.spec_acks, 0);
+    assert!(st.fallback_frames > 0);
+}
+
+/// A fixed lossy scenario with its numbers printed (for inspection).
+#[test]
+fn lossy_bulk_transfer_stats() {
+    let p = Params {
+        mode: Mode::Speculative,
+        ipv6: false,
+        ws: true,
+        sack: true,
+        ts: true,
+        seed: 11,
+        loss: 10,
+        dup: 5,
+        jitter: 20,
+        epoch_ms: 25,
+        commit_delay: 10,
+        len: 2_000_000,
+        budget: 1 << 20,
+        reverse: 10_000,
+    };
+    let mut sim = run(&p);
+    sim.peer.rcv_buf = 1 << 20;
+    check(&p, &mut sim).unwrap();
+    let st = sim.engine.stats();
+    eprintln!("simulated {} ms, max held {}: {st:?}", sim.now, sim.max_held);
+    assert!(st.retransmits > 0 && st.spec_acks > 1000);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Failover: the engine and the guest are snapshotted together when an
+    /// epoch is sealed; the primary runs on and dies before the next epoch
+    /// commits; the backup resumes from the snapshot. Both streams still
+    /// arrive exact, and the guest never sees an ACK go backwards.
+    #[test]
+    fn failover_keeps_streams_exact(
+        seed in any::<u64>(),
+        loss in 0u32..15,
+        dup in 0u32..10,
+        jitter in 0u64..30,
+        epoch_ms in 2u64..30,
+        commit_delay in 0u64..30,
+        len in 1usize..300_000,
+        reverse in 0usize..50_000,
+        fail_epoch in 0u64..80,
+        fail_frac in 0u64..1000,
+        sack in any::<bool>(),
+        write_rate in proptest::option::of(50usize..2_000),
+    ) {
+        let p = Params { mode: Mode::Speculative, ipv6: false, ws: true, sack, ts: true, seed, loss, dup, jitter, epoch_ms, commit_delay, len, budget: 200_000, reverse };
+        let mut sim = run(&p);
+        sim.guest.write_rate = write_rate;
+        sim.peer.write_rate = write_rate.map(|r| r / 4 + 1);
+        // Run until `fail_epoch` is sealed; snapshot engine + guest.
+        let mut snap = None;
+        while sim.now < 100_000 {
+            let sealing = sim.now >= sim.next_seal;
+            let epoch = sim.engine.current_epoch();
+            sim.step();
+            if sealing && epoch.0 == fail_epoch {
+                // The snapshot is taken atomically with the seal (the step
+                // above sealed at its end, after all of this ms's input).
+                snap = Some((sim.engine.clone(), sim.guest.clone(), epoch, sim.now));
+                break;
+            }
+        }
+        let Some((eng, guest, epoch, t0)) = snap else { return Ok(()); };
+        if std::env::var_os("SPEC_DEBUG").is_some() {
+            eprintln!("failover at epoch {} held {} peer got {}/{} guest got {}/{}", epoch.0, eng.stats().bytes_held, sim.peer.received.len(), len, guest.received.len(), reverse);
+        }
+        // The primary runs on until some time before epoch+1 commits.
+        let window = epoch_ms + commit_delay;
+        let fail_at = t0 + (window * fail_frac / 1000);
+        while sim.now < fail_at {
+            // Never let epoch+1 commit on the primary.
+            if sim.pending_commits.front().is_some_and(|c| c.1 > epoch && c.0 <= sim.now) {
+                break;
+            }
+            sim.step();
+        }
+        // Failover: the backup resumes from the checkpoint of `epoch`.
+        let now = std::time::Duration::from_millis(sim.now);
+        sim.engine = eng;
+        sim.guest = guest;
+        sim.pending_commits.clear();
+        sim.mark_committed(epoch);
+        sim.seal_marks.clear();
+        sim.engine.commit_epoch(now, epoch);
+        sim.engine.resume_after_failover(now);
+        sim.next_seal = sim.now + epoch_ms;
+        check(&p, &mut sim)?;
+    }
+}
