@@ -87,20 +87,22 @@ impl Engine {
         s
     }
 
+    /// Bytes held by speculated flows (accepted from the guest, not yet
+    /// acknowledged by the peer): [`Stats::bytes_held`] without the cost of
+    /// a full [`Engine::stats`].
+    pub fn bytes_held(&self) -> u64 {
+        self.global_held
+    }
+
+    /// Bytes of raw frames held for output commit.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buffered_bytes
+    }
+
     /// Bytes held by one flow (accepted from the guest, not yet acknowledged
     /// by the peer), if tracked.
     pub fn flow_bytes_held(&self, key: &FlowKey) -> Option<usize> {
         self.flows.get(key).map(|f| f.buf.len())
-    }
-
-    #[doc(hidden)]
-    pub fn debug_flow(&self, key: &FlowKey) -> String {
-        self.flows.get(key).map_or(String::new(), |f| {
-            format!(
-                "phase {:?} snd_una {} snd_max {} data_end {} fin {} committed_end {} adv_edge {} buf {} reserved {} peer_wnd {} cwnd {}",
-                f.phase, f.snd_una, f.snd_max, f.data_end, f.fin, f.committed_end, f.adv_edge, f.buf.len(), f.reserved, f.peer_wnd, f.cwnd
-            )
-        })
     }
 
     /// Keys of tracked flows that are currently speculated.
@@ -154,6 +156,7 @@ impl Engine {
         self.out.push_back(Transmit {
             to: Side::Inner,
             frame: frame.to_vec(),
+            gso_size: None,
         });
     }
 
@@ -192,6 +195,7 @@ impl Engine {
                 self.out.push_back(Transmit {
                     to: Side::Outer,
                     frame: frame.to_vec(),
+                    gso_size: None,
                 });
                 return;
             }
@@ -211,7 +215,7 @@ impl Engine {
         };
         let key = FlowKey::from_inner(&seg);
         if seg.has(flags::SYN) && !seg.has(flags::ACK) && !seg.has(flags::RST) {
-            self.guest_syn(now, key, &seg);
+            self.track_syn(now, key, &seg, true);
             self.hold(frame);
             return;
         }
@@ -266,10 +270,15 @@ impl Engine {
         self.current_items.push(item);
     }
 
-    fn guest_syn(&mut self, now: Duration, key: FlowKey, seg: &Segment<'_>) {
-        match self.flows.get_mut(&key) {
+    /// A SYN (without ACK) from the guest (`from_guest`) or the peer:
+    /// starts tracking the flow unless this SYN (a retransmission) or an
+    /// established flow is already tracked.
+    fn track_syn(&mut self, now: Duration, key: FlowKey, seg: &Segment<'_>, from_guest: bool) {
+        match self.flows.get(&key) {
             Some(f) if f.phase == Phase::Established || f.phase == Phase::Fallback => {}
-            Some(f) if f.phase == Phase::Handshake && f.guest_syn.is_some_and(|g| g.isn == seg.seq) => {}
+            Some(f)
+                if f.phase == Phase::Handshake
+                    && if from_guest { f.guest_syn } else { f.peer_syn }.is_some_and(|s| s.isn == seg.seq) => {}
             _ => {
                 if self.flows.len() >= self.cfg.max_flows && !self.flows.contains_key(&key) {
                     return;
@@ -278,8 +287,8 @@ impl Engine {
                     let (mut ctx, _) = self.ctx();
                     old.release_all(&mut ctx);
                 }
-                debug!(?key, "guest SYN: tracking flow");
-                let f = Flow::new(key, seg, true, now, &self.cfg);
+                debug!(?key, from_guest, "SYN: tracking flow");
+                let f = Flow::new(key, seg, from_guest, now, &self.cfg);
                 self.flows.insert(key, f);
             }
         }
@@ -350,7 +359,7 @@ impl Engine {
             return;
         }
         if is_syn {
-            self.peer_syn(now, key, &seg);
+            self.track_syn(now, key, &seg, false);
             self.pass_inner(frame);
             return;
         }
@@ -413,26 +422,8 @@ impl Engine {
                 self.out.push_back(Transmit {
                     to: Side::Inner,
                     frame: f,
+                    gso_size: None,
                 });
-            }
-        }
-    }
-
-    fn peer_syn(&mut self, now: Duration, key: FlowKey, seg: &Segment<'_>) {
-        match self.flows.get(&key) {
-            Some(f) if f.phase == Phase::Established || f.phase == Phase::Fallback => {}
-            Some(f) if f.phase == Phase::Handshake && f.peer_syn.is_some_and(|p| p.isn == seg.seq) => {}
-            _ => {
-                if self.flows.len() >= self.cfg.max_flows && !self.flows.contains_key(&key) {
-                    return;
-                }
-                if let Some(mut old) = self.flows.remove(&key) {
-                    let (mut ctx, _) = self.ctx();
-                    old.release_all(&mut ctx);
-                }
-                debug!(?key, "peer SYN: tracking flow");
-                let f = Flow::new(key, seg, false, now, &self.cfg);
-                self.flows.insert(key, f);
             }
         }
     }
@@ -479,6 +470,7 @@ impl Engine {
                 ctx.out.push_back(Transmit {
                     to: Side::Inner,
                     frame: frame.to_vec(),
+                    gso_size: None,
                 });
             }
             self.after_release(now, blocked_before);
@@ -506,6 +498,7 @@ impl Engine {
             ctx.out.push_back(Transmit {
                 to: Side::Inner,
                 frame: f,
+                gso_size: None,
             });
         } else if guest_needs_ack {
             // E.g. the peer's ACK completing a passive open: the guest gets
@@ -578,6 +571,7 @@ impl Engine {
                         self.out.push_back(Transmit {
                             to: Side::Outer,
                             frame: f,
+                            gso_size: None,
                         });
                     }
                     Item::Spec {

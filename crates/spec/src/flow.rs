@@ -534,7 +534,11 @@ impl Flow {
         .to_frame(&[], &[]);
         self.guest_seen_ack = Some(ack);
         ctx.stats.spec_acks += 1;
-        ctx.out.push_back(Transmit { to: Side::Inner, frame });
+        ctx.out.push_back(Transmit {
+            to: Side::Inner,
+            frame,
+            gso_size: None,
+        });
     }
 
     /// If the guest's window was (nearly) closed and space has freed, tell it.
@@ -758,7 +762,11 @@ impl Flow {
             sack: &[],
         }
         .to_frame(&[], &[]);
-        ctx.out.push_back(Transmit { to: Side::Inner, frame });
+        ctx.out.push_back(Transmit {
+            to: Side::Inner,
+            frame,
+            gso_size: None,
+        });
         self.close(ctx, now);
     }
 
@@ -873,7 +881,12 @@ impl Flow {
         self.ip_id = self.ip_id.wrapping_add(1);
         self.last_sent_ack = Some((a.ack, a.window));
         ctx.stats.segments_sent += 1;
-        ctx.out.push_back(Transmit { to: Side::Outer, frame });
+        let mss = self.mss_eff(ctx.cfg);
+        ctx.out.push_back(Transmit {
+            to: Side::Outer,
+            frame,
+            gso_size: (n as u32 > mss).then(|| mss.min(u32::from(u16::MAX)) as u16),
+        });
     }
 
     pub(crate) fn resend_ack(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
@@ -961,6 +974,13 @@ impl Flow {
         }
         let cfg = ctx.cfg;
         let mss = self.mss_eff(cfg);
+        // New data goes out in TSO frames of whole segments if allowed.
+        let burst = if cfg.tso_max > mss as usize {
+            let max = cfg.tso_max.min(64_000) as u32;
+            (max / mss * mss).max(mss)
+        } else {
+            mss
+        };
         let stream_end = self.stream_end_committed();
         // Retransmissions during recovery.
         while let Some(lost_end) = self.lost_end(cfg) {
@@ -991,7 +1011,7 @@ impl Flow {
             let data_left = seq::dist(self.snd_max, self.committed_end);
             let wnd_room = seq::dist(self.snd_max, self.peer_edge());
             let cwnd_room = self.cwnd.saturating_sub(self.pipe(cfg));
-            let len = data_left.min(mss).min(wnd_room).min(cwnd_room);
+            let len = data_left.min(burst).min(wnd_room).min(cwnd_room);
             let outstanding = self.snd_max != self.snd_una;
             if data_left > 0 {
                 if len == 0 || (len < mss && len < data_left && outstanding) {

@@ -64,6 +64,10 @@ pub struct Transmit {
     /// A complete Ethernet II frame (no vnet header; checksums complete for
     /// frames the engine built; passthrough frames are left as received).
     pub frame: Vec<u8>,
+    /// Set on TCP frames the engine built with more payload than one
+    /// segment ([`Config::tso_max`]): the segment size the device must cut
+    /// the frame into (virtio-net GSO).
+    pub gso_size: Option<u16>,
 }
 
 /// The state of a received frame's checksums, as a virtio-net header
@@ -105,6 +109,11 @@ pub struct Config {
     pub max_flows: usize,
     /// IP MTU toward the peer (limits the segments the engine builds).
     pub mtu: usize,
+    /// Largest TCP payload of one frame the engine builds toward the peer.
+    /// Above the segment size such a frame is a TSO super-segment
+    /// ([`Transmit::gso_size`]) for a driver whose device segments (a TAP
+    /// with vnet headers); at most 64000. 0: one segment per frame.
+    pub tso_max: usize,
     /// Lower bound of the retransmission timeout (Linux: 200 ms, RFC 6298: 1 s).
     pub min_rto: Duration,
     /// Upper bound of the retransmission timeout (with backoff).
@@ -140,6 +149,7 @@ impl Default for Config {
             buffered_cap: 64 << 20,
             max_flows: 65536,
             mtu: 1500,
+            tso_max: 0,
             min_rto: Duration::from_millis(200),
             max_rto: Duration::from_secs(60),
             initial_rto: Duration::from_secs(1),

@@ -806,14 +806,16 @@ fn buffered_and_direct_modes() {
         out[0],
         Transmit {
             to: Side::Outer,
-            frame: f1
+            frame: f1,
+            gso_size: None,
         }
     );
     assert_eq!(
         out[1],
         Transmit {
             to: Side::Inner,
-            frame: f2
+            frame: f2,
+            gso_size: None,
         }
     );
 }
