@@ -116,22 +116,30 @@ pub struct Report {
     /// Highest bytes held by speculated flows plus frames held for commit.
     pub max_held: u64,
     pub engine: Stats,
+    /// Mbit/s read from the inner TAP and written to the outer one over
+    /// the last interval (set on the once-a-second reports).
+    pub rate_mbit: Option<(f64, f64)>,
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let e = &self.engine;
-        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        // Rates over the last interval, or averages over the whole run.
+        let (in_mbit, out_mbit) = self.rate_mbit.unwrap_or_else(|| {
+            let secs = self.elapsed.as_secs_f64().max(1e-9);
+            (
+                self.inner_bytes as f64 * 8.0 / secs / 1e6,
+                self.to_outer_bytes as f64 * 8.0 / secs / 1e6,
+            )
+        });
         write!(
             f,
-            "t={:.1}s in={} out={} in_mbit={:.0} to_outer_mbit={:.0} flows={} spec={} held={} buffered={} \
-             max_held={} spec_acks={} segs={} retx={} fast_rec={} rto={} probes={} fallback={} epochs={} \
-             aborted={} drops={}",
+            "t={:.1}s in={} out={} in_mbit={in_mbit:.0} to_outer_mbit={out_mbit:.0} flows={} spec={} held={} \
+             buffered={} max_held={} spec_acks={} segs={} retx={} fast_rec={} rto={} probes={} fallback={} \
+             epochs={} aborted={} drops={}",
             self.elapsed.as_secs_f64(),
             self.inner_frames,
             self.outer_frames,
-            self.inner_bytes as f64 * 8.0 / secs / 1e6,
-            self.to_outer_bytes as f64 * 8.0 / secs / 1e6,
             e.flows,
             e.speculative_flows,
             e.bytes_held,
@@ -223,11 +231,19 @@ impl Relay {
     pub fn run(&mut self, stop: &AtomicBool, mut each_second: impl FnMut(&Report)) -> Result<Report, RelayError> {
         let second = Duration::from_secs(1);
         let mut next_report = second;
+        let mut last = Report::default();
         while !stop.load(Ordering::Relaxed) {
             let now = self.now();
             self.on_time(now);
             if now >= next_report {
-                each_second(&self.report());
+                let mut r = self.report();
+                let secs = (r.elapsed - last.elapsed).as_secs_f64().max(1e-9);
+                r.rate_mbit = Some((
+                    (r.inner_bytes - last.inner_bytes) as f64 * 8.0 / secs / 1e6,
+                    (r.to_outer_bytes - last.to_outer_bytes) as f64 * 8.0 / secs / 1e6,
+                ));
+                each_second(&r);
+                last = r;
                 next_report += second;
                 if next_report <= now {
                     next_report = now + second;
