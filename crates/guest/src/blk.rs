@@ -49,6 +49,9 @@ pub struct Blk {
     pub flush: bool,
     hdrs: u64,
     slots: usize,
+    /// Requests of the last [`Blk::submit`], and how many completed.
+    submitted: usize,
+    done: usize,
 }
 
 impl Blk {
@@ -65,12 +68,14 @@ impl Blk {
             flush: f & F_FLUSH != 0,
             hdrs: palloc::alloc(slots * 32, 4096),
             slots,
+            submitted: 0,
+            done: 0,
         })
     }
 
-    /// Runs `reqs` (at most `slots` of them) and waits for all. Returns
-    /// the index and status of the first that failed.
-    pub fn run(&mut self, lapic: &Lapic, reqs: &[Req]) -> Result<(), (usize, u8)> {
+    /// Puts `reqs` (at most `slots` of them) in the queue and notifies the
+    /// device; [`Blk::poll`] collects them.
+    pub fn submit(&mut self, reqs: &[Req]) {
         assert!(reqs.len() <= self.slots);
         for (i, r) in reqs.iter().enumerate() {
             let hdr = self.hdrs + 32 * i as u64;
@@ -94,32 +99,54 @@ impl Blk {
             self.q.push(d);
         }
         self.q.kick();
-        let mut done = 0;
-        let deadline = time::Deadline::after_ms(BATCH_TIMEOUT_MS);
-        while done < reqs.len() {
-            let seen = irq::irq_count().load(Ordering::Acquire);
-            while self.q.pop_used().is_some() {
-                done += 1;
+        self.submitted = reqs.len();
+        self.done = 0;
+    }
+
+    /// Collects completions of the submitted requests: `None` while some
+    /// are outstanding, else the index and status of the first that
+    /// failed, if any.
+    pub fn poll(&mut self) -> Option<Result<(), (usize, u8)>> {
+        while self.q.pop_used().is_some() {
+            self.done += 1;
+        }
+        if self.done < self.submitted {
+            return None;
+        }
+        for i in 0..self.submitted {
+            // SAFETY: slot i's status byte, written by the device.
+            let s = unsafe { ((self.hdrs + 32 * i as u64 + 16) as *const u8).read_volatile() };
+            if s != 0 {
+                return Some(Err((i, s)));
             }
-            if done == reqs.len() {
-                break;
+        }
+        Some(Ok(()))
+    }
+
+    /// Asks for an interrupt at the next completion; true if completions
+    /// already wait.
+    pub fn arm(&mut self) -> bool {
+        self.q.arm()
+    }
+
+    /// Runs `reqs` (at most `slots` of them) and waits for all. Returns
+    /// the index and status of the first that failed.
+    pub fn run(&mut self, lapic: &Lapic, reqs: &[Req]) -> Result<(), (usize, u8)> {
+        self.submit(reqs);
+        let deadline = time::Deadline::after_ms(BATCH_TIMEOUT_MS);
+        loop {
+            let seen = irq::irq_count().load(Ordering::Acquire);
+            if let Some(r) = self.poll() {
+                return r;
             }
             if deadline.expired() {
-                return Err((done, 0xfe));
+                return Err((self.done, 0xfe));
             }
             if self.q.arm() {
                 continue;
             }
             irq::sleep(lapic, seen, Some(1_000_000));
         }
-        for i in 0..reqs.len() {
-            // SAFETY: slot i's status byte, written by the device.
-            let s = unsafe { ((self.hdrs + 32 * i as u64 + 16) as *const u8).read_volatile() };
-            if s != 0 {
-                return Err((i, s));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -186,7 +213,7 @@ pub fn workload(blk: Option<&mut Blk>, lapic: &Lapic, mib: u64, check_only: bool
                 return false;
             }
             if kind == T_IN {
-                if let Some(bad) = first_mismatch(off, &buf[..len]) {
+                if let Some(bad) = first_mismatch(DISK_SEED, off, &buf[..len]) {
                     let mut want = [0u8; 8];
                     let at = bad & !7;
                     pattern::fill(DISK_SEED, at, &mut want);
@@ -245,15 +272,217 @@ pub fn workload(blk: Option<&mut Blk>, lapic: &Lapic, mib: u64, check_only: bool
 }
 
 /// Offset (in the disk) of the first byte of `buf` (read from disk offset
-/// `off`, a multiple of 8) that differs from the pattern.
-fn first_mismatch(off: u64, buf: &[u8]) -> Option<u64> {
+/// `off`, a multiple of 8) that differs from the pattern with `seed`.
+fn first_mismatch(seed: u64, off: u64, buf: &[u8]) -> Option<u64> {
     for (k, c) in buf.chunks_exact(8).enumerate() {
         let at = off + 8 * k as u64;
-        let want = pattern::splitmix64(at / 8 + DISK_SEED);
+        let want = pattern::splitmix64((at / 8).wrapping_add(seed));
         let got = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
         if want != got {
             return Some(at);
         }
     }
     None
+}
+
+/// The pattern seed of `diskloop` round `round` (1, 2, ...).
+fn round_seed(round: u64) -> u64 {
+    DISK_SEED.wrapping_add(round << 40)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Write,
+    Flush,
+    Read,
+}
+
+/// `diskloop:MIB`: endless rounds of `disk:MIB` with a new pattern each
+/// round (round `r` writes the disk pattern with seed `DISK_SEED + (r <<
+/// 40)`), driven from the BSP's service loop without blocking it: one batch
+/// of requests in flight, [`DiskLoop::service`] collects it and submits the
+/// next. Prints `diskloop ok rounds=N mib=M` at the end of a round at most
+/// once a second; on an error or a mismatch it prints the line and stops.
+pub struct DiskLoop {
+    blk: Blk,
+    mib: u64,
+    bytes: u64,
+    buf: &'static mut [u8],
+    batch: usize,
+    reqs: [Req; MAX_SLOTS],
+    /// Requests in flight (0: none).
+    nreqs: usize,
+    round: u64,
+    phase: Phase,
+    /// Disk offset and length of the batch in flight (or next).
+    off: u64,
+    len: usize,
+    deadline: time::Deadline,
+    next_print: u64,
+    stopped: bool,
+}
+
+impl DiskLoop {
+    /// Prints a `diskloop error: ...` line and returns `None` if there is no
+    /// usable disk.
+    pub fn new(blk: Option<Blk>, mib: u64) -> Option<DiskLoop> {
+        let Some(blk) = blk else {
+            say!("diskloop error: no virtio-blk device");
+            return None;
+        };
+        let bytes = mib << 20;
+        if blk.capacity * 512 < bytes {
+            say!(
+                "diskloop error: disk has {} sectors, need {}",
+                blk.capacity,
+                bytes / 512
+            );
+            return None;
+        }
+        if blk.read_only {
+            say!("diskloop error: device is read-only");
+            return None;
+        }
+        let batch = blk.slots.min(16);
+        let mut d = DiskLoop {
+            blk,
+            mib,
+            bytes,
+            buf: palloc::alloc_slice(CHUNK * batch),
+            batch,
+            reqs: [Req {
+                kind: 0,
+                sector: 0,
+                addr: 0,
+                len: 0,
+            }; MAX_SLOTS],
+            nreqs: 0,
+            round: 1,
+            phase: Phase::Write,
+            off: 0,
+            len: 0,
+            deadline: time::Deadline::after_ms(BATCH_TIMEOUT_MS),
+            next_print: time::rdtsc() + time::tsc_hz(),
+            stopped: false,
+        };
+        d.submit_next();
+        Some(d)
+    }
+
+    /// Submits the batch at `off` of the current phase.
+    fn submit_next(&mut self) {
+        let base = self.buf.as_ptr() as u64;
+        if self.phase == Phase::Flush {
+            self.reqs[0] = Req {
+                kind: T_FLUSH,
+                sector: 0,
+                addr: 0,
+                len: 0,
+            };
+            self.nreqs = 1;
+        } else {
+            let left = (self.bytes - self.off) as usize;
+            let n = left.div_ceil(CHUNK).min(self.batch);
+            self.len = left.min(n * CHUNK);
+            let kind = if self.phase == Phase::Write { T_OUT } else { T_IN };
+            if kind == T_OUT {
+                pattern::fill(round_seed(self.round), self.off, &mut self.buf[..self.len]);
+            } else {
+                self.buf[..self.len].fill(0xa5);
+            }
+            for (i, r) in self.reqs[..n].iter_mut().enumerate() {
+                let o = i * CHUNK;
+                *r = Req {
+                    kind,
+                    sector: (self.off + o as u64) / 512,
+                    addr: base + o as u64,
+                    len: (self.len - o).min(CHUNK) as u32,
+                };
+            }
+            self.nreqs = n;
+        }
+        self.blk.submit(&self.reqs[..self.nreqs]);
+        self.deadline = time::Deadline::after_ms(BATCH_TIMEOUT_MS);
+    }
+
+    /// Collects the batch in flight and submits the next; true if anything
+    /// completed.
+    pub fn service(&mut self) -> bool {
+        if self.stopped {
+            return false;
+        }
+        let res = match self.blk.poll() {
+            Some(r) => r,
+            None => {
+                if self.deadline.expired() {
+                    say!("diskloop error: no completion in {BATCH_TIMEOUT_MS} ms");
+                    self.stopped = true;
+                }
+                return false;
+            }
+        };
+        if let Err((i, s)) = res {
+            let what = match self.reqs[i].kind {
+                T_OUT => "write",
+                T_IN => "read",
+                _ => "flush",
+            };
+            say!(
+                "diskloop error: {what} sector={} status={s} ({})",
+                self.reqs[i].sector,
+                status_name(s)
+            );
+            self.stopped = true;
+            return true;
+        }
+        match self.phase {
+            Phase::Write => {
+                self.off += self.len as u64;
+                if self.off == self.bytes {
+                    self.off = 0;
+                    self.phase = if self.blk.flush { Phase::Flush } else { Phase::Read };
+                }
+            }
+            Phase::Flush => self.phase = Phase::Read,
+            Phase::Read => {
+                let seed = round_seed(self.round);
+                if let Some(bad) = first_mismatch(seed, self.off, &self.buf[..self.len]) {
+                    let at = bad & !7;
+                    let s = (at - self.off) as usize;
+                    let mut got = [0u8; 8];
+                    got.copy_from_slice(&self.buf[s..s + 8]);
+                    say!(
+                        "diskloop MISMATCH round={} offset={at:#x} sector={} want={:#018x} got={:#018x}",
+                        self.round,
+                        at / 512,
+                        pattern::splitmix64((at / 8).wrapping_add(seed)),
+                        u64::from_le_bytes(got)
+                    );
+                    self.stopped = true;
+                    return true;
+                }
+                self.off += self.len as u64;
+                if self.off == self.bytes {
+                    let now = time::rdtsc();
+                    // Robust to the TSC jumping (e.g. across a restore).
+                    let second = time::tsc_hz();
+                    if now >= self.next_print || self.next_print - now > 2 * second {
+                        self.next_print = now + second;
+                        say!("diskloop ok rounds={} mib={}", self.round, self.mib);
+                    }
+                    self.off = 0;
+                    self.round += 1;
+                    self.phase = Phase::Write;
+                }
+            }
+        }
+        self.submit_next();
+        true
+    }
+
+    /// Asks for an interrupt at the next completion; true if completions
+    /// already wait.
+    pub fn arm(&mut self) -> bool {
+        !self.stopped && self.blk.arm()
+    }
 }

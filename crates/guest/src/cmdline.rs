@@ -3,8 +3,8 @@
 //! Keys:
 //! - `workload=W[,W...]`: what to run, in order, then power off (see
 //!   [`Workload`]): `info`, `reboot`, `panic`, `fault`, `compute:N`,
-//!   `disk:MIB`, `diskcheck:MIB`, `mem:MIB`, `sink:PORT`, `source:PORT:MIB`,
-//!   `echo:PORT`, `ping:A.B.C.D`.
+//!   `disk:MIB`, `diskcheck:MIB`, `diskloop:MIB`, `mem:MIB`, `clock`,
+//!   `sink:PORT`, `source:PORT:MIB`, `echo:PORT`, `ping:A.B.C.D`.
 //!   Default `info`. An unknown name is reported and nothing runs.
 //! - `ip=A.B.C.D/P`: the guest's address (for the network workloads to come).
 //! - `gw=A.B.C.D`: default gateway (ditto).
@@ -44,6 +44,11 @@ pub enum Workload<'a> {
     Ping { ip: [u8; 4] },
     /// Memory checker over MIB MiB on every CPU, forever.
     Mem { mib: u64 },
+    /// Monotonic clock and timer check, forever.
+    Clock,
+    /// virtio-blk: write, flush, read back and verify MIB MiB in rounds,
+    /// forever.
+    DiskLoop { mib: u64 },
     /// Not a workload this guest knows (kept to report it).
     Unknown(&'a str),
 }
@@ -59,12 +64,16 @@ impl<'a> Workload<'a> {
             ("reboot", None) => Workload::Reboot,
             ("panic", None) => Workload::Panic,
             ("fault", None) => Workload::Fault,
+            ("clock", None) => Workload::Clock,
             ("compute", Some(n)) => match parse_u64(n) {
                 Some(iters) => Workload::Compute { iters },
                 None => Workload::Unknown(s),
             },
             ("disk", Some(n)) => parse_u64(n).map_or(Workload::Unknown(s), |mib| Workload::Disk { mib }),
             ("diskcheck", Some(n)) => parse_u64(n).map_or(Workload::Unknown(s), |mib| Workload::DiskCheck { mib }),
+            ("diskloop", Some(n)) => parse_u64(n)
+                .filter(|&m| m > 0)
+                .map_or(Workload::Unknown(s), |mib| Workload::DiskLoop { mib }),
             ("mem", Some(n)) => parse_u64(n).map_or(Workload::Unknown(s), |mib| Workload::Mem { mib }),
             ("sink", Some(p)) => parse_port(p).map_or(Workload::Unknown(s), |port| Workload::Sink { port }),
             ("ping", Some(a)) => parse_ipv4(a).map_or(Workload::Unknown(s), |ip| Workload::Ping { ip }),
@@ -165,12 +174,12 @@ fn parse_port(s: &str) -> Option<u16> {
     parse_u64(s).and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)
 }
 
-/// Whether the workload runs in the network loop.
 impl Workload<'_> {
+    /// Whether the workload runs in the network loop.
     pub fn is_net(&self) -> bool {
         matches!(
             self,
-            Workload::Sink { .. } | Workload::Source { .. } | Workload::Echo { .. }
+            Workload::Sink { .. } | Workload::Source { .. } | Workload::Echo { .. } | Workload::Ping { .. }
         )
     }
 }

@@ -28,6 +28,8 @@ const LAPIC_TIMER_INIT: usize = 0x380;
 const LAPIC_TIMER_CUR: usize = 0x390;
 const LAPIC_TIMER_DIV: usize = 0x3e0;
 const LVT_MASKED: u32 = 1 << 16;
+/// LVT timer mode "periodic" (0: one-shot).
+const LVT_PERIODIC: u32 = 1 << 17;
 /// Divide configuration value for "divide by 1".
 const DIV_BY_1: u32 = 0xb;
 
@@ -133,6 +135,31 @@ fn tsc_hz_from_pit() -> Option<u64> {
 pub fn arm_timer(lapic: &Lapic, us: u64) {
     let ticks = (us.saturating_mul(lapic_ticks_per_ms()) / 1000).clamp(1, u64::from(u32::MAX));
     lapic.write(LAPIC_TIMER_INIT, ticks as u32);
+}
+
+/// Sets up this CPU's LAPIC timer as [`calibrate`] does the BSP's (divide
+/// by 1, one-shot, unmasked), for an AP that needs its timer.
+pub fn timer_init(lapic: &Lapic) {
+    lapic.write(LAPIC_TIMER_DIV, DIV_BY_1);
+    lapic.write(LAPIC_LVT_TIMER, u32::from(TIMER_VECTOR));
+}
+
+/// Halts this CPU until an interrupt arrives on it, with its LAPIC timer
+/// running periodically every `us` microseconds (so the wake-up cannot be
+/// missed: a tick that comes before the halt is followed by another);
+/// then stops the timer and puts it back in one-shot mode. On a CPU that
+/// gets no other interrupts (an AP; devices interrupt the BSP) the return
+/// means the timer fired and its interrupt was delivered.
+pub fn wait_timer_tick(lapic: &Lapic, us: u64) {
+    /// Never changes: HALT_IF on it always halts.
+    static NEVER: AtomicU32 = AtomicU32::new(0);
+    let ticks = (us.saturating_mul(lapic_ticks_per_ms()) / 1000).clamp(1, u64::from(u32::MAX));
+    // Changing the mode stops the timer; the initial count starts it.
+    lapic.write(LAPIC_LVT_TIMER, LVT_PERIODIC | u32::from(TIMER_VECTOR));
+    lapic.write(LAPIC_TIMER_INIT, ticks as u32);
+    sys::halt_if(&NEVER, 0);
+    lapic.write(LAPIC_TIMER_INIT, 0);
+    lapic.write(LAPIC_LVT_TIMER, u32::from(TIMER_VECTOR));
 }
 
 /// Sleeps until an interrupt comes (or came since [`irq_count`] read

@@ -14,15 +14,18 @@
 //! `bootinfo` (PVH start info), `cmdline`, `acpi`, `power`, `smp`, `time`,
 //! `irq` (IOAPIC, LAPIC timer, calibration, sleeping), `virtio`
 //! (discovery, transport, split rings), `blk`, `net` (virtio-net +
-//! smoltcp), `memtest`, `workloads`; `phys`, `palloc` (physical bump
+//! smoltcp), `memtest`, `clock`, `bg` (the per-CPU endless workloads),
+//! `workloads`; `phys`, `palloc` (physical bump
 //! allocator), `pattern` (deterministic data) and `sync` are helpers.
 
 #![no_std]
 #![no_main]
 
 mod acpi;
+mod bg;
 mod blk;
 mod bootinfo;
+mod clock;
 mod cmdline;
 mod console;
 mod irq;
@@ -127,7 +130,11 @@ fn bsp_main(start_info: u64) -> ! {
         w.is_net()
             || matches!(
                 w,
-                cmdline::Workload::Disk { .. } | cmdline::Workload::DiskCheck { .. } | cmdline::Workload::Mem { .. }
+                cmdline::Workload::Disk { .. }
+                    | cmdline::Workload::DiskCheck { .. }
+                    | cmdline::Workload::DiskLoop { .. }
+                    | cmdline::Workload::Mem { .. }
+                    | cmdline::Workload::Clock
             )
     });
     if needs_timers {

@@ -40,6 +40,7 @@ use crate::say;
 use crate::smp::Lapic;
 use crate::time;
 use crate::virtio::{Mmio, Queue, DESC_WRITE, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+use crate::workloads::Extra;
 
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
@@ -692,8 +693,16 @@ impl Pinger {
     }
 }
 
-/// Runs the network workloads in `ws` forever.
-pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[u8; 4]>, ws: &[Workload<'_>]) -> ! {
+/// Runs the network workloads in `ws` forever, and `extra` (`diskloop`,
+/// the BSP's clock checks) in the same loop.
+pub fn run(
+    lapic: &Lapic,
+    mut dev: VirtioNet,
+    ip: Option<Ipv4Cidr>,
+    gw: Option<[u8; 4]>,
+    ws: &[Workload<'_>],
+    extra: &mut Extra,
+) -> ! {
     let ip = ip.unwrap_or(Ipv4Cidr {
         addr: [10, 0, 0, 2],
         prefix: 24,
@@ -802,6 +811,7 @@ pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[
         for p in pingers.iter_mut().flatten() {
             busy |= p.service(&mut sockets);
         }
+        busy |= extra.service();
         for _ in 0..1024 {
             if iface.poll_egress(t, &mut dev, &mut sockets) == PollResult::None {
                 break;
@@ -813,7 +823,7 @@ pub fn run(lapic: &Lapic, mut dev: VirtioNet, ip: Option<Ipv4Cidr>, gw: Option<[
             stalled = false;
             continue;
         }
-        if dev.arm() {
+        if dev.arm() || extra.arm() {
             continue;
         }
         // Nothing moved. smoltcp may still want to send "now": because the

@@ -98,6 +98,12 @@ impl Lapic {
         unsafe { core::ptr::write_volatile((self.base + reg) as *mut u32, value) }
     }
 
+    /// Makes this LAPIC's address the one [`local_lapic`] returns (the BSP
+    /// calls it; every CPU sees its own LAPIC at the same address).
+    pub fn publish(&self) {
+        LAPIC_BASE.store(self.base as u64, Ordering::Release);
+    }
+
     /// This CPU's APIC ID.
     pub fn id(&self) -> u32 {
         self.read(LAPIC_ID) >> 24
@@ -239,6 +245,24 @@ pub fn ap_main(cpu: u32) -> ! {
             RESULTS[cpu as usize].store(r, Ordering::Relaxed);
             JOB_DONE.fetch_add(1, Ordering::Release);
         }
+    }
+}
+
+/// The calling CPU's local APIC (at the address the BSP published).
+pub fn local_lapic() -> Lapic {
+    // SAFETY: LAPIC_BASE holds the MADT's LAPIC address (or the
+    // architectural default), below 4 GiB.
+    unsafe { Lapic::new(LAPIC_BASE.load(Ordering::Acquire)) }
+}
+
+/// Starts `job` on every online CPU but this one (the BSP) and returns at
+/// once: for jobs that never end. No other job can run after it.
+pub fn start_on_aps(lapic: &Lapic, job: Job) {
+    *JOB.lock() = Some(job);
+    JOB_DONE.store(0, Ordering::Relaxed);
+    JOB_GEN.fetch_add(1, Ordering::Release);
+    if online() > 1 {
+        lapic.send_ipi_all_but_self(IPI_VECTOR);
     }
 }
 

@@ -3,9 +3,11 @@
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 
-use crate::blk::{self, Blk};
+use crate::bg;
+use crate::blk::{self, Blk, DiskLoop};
+use crate::clock::Mono;
 use crate::cmdline::{Ipv4Cidr, Workload};
-use crate::memtest;
+use crate::irq;
 use crate::net::{self, VirtioNet};
 use crate::power::Power;
 use crate::say;
@@ -25,15 +27,39 @@ pub struct Machine<'a> {
     pub gateway: Option<[u8; 4]>,
 }
 
-/// Runs the workloads in order, then powers off. The network workloads
-/// (`sink`, `source`, `echo`) all run together, after the others, until the
-/// VM is stopped; so does `mem`.
+/// What the BSP's service loop does besides the network workloads:
+/// `diskloop`, and with `clock` a check of the time on every pass.
+pub struct Extra {
+    pub disk: Option<DiskLoop>,
+    pub clock: Option<Mono>,
+}
+
+impl Extra {
+    /// Moves the disk loop on; true if anything completed.
+    pub fn service(&mut self) -> bool {
+        if let Some(m) = self.clock.as_mut() {
+            m.check(0);
+        }
+        self.disk.as_mut().is_some_and(|d| d.service())
+    }
+
+    /// Arms the disk's interrupt; true if completions already wait.
+    pub fn arm(&mut self) -> bool {
+        self.disk.as_mut().is_some_and(|d| d.arm())
+    }
+}
+
+/// Runs the workloads in order, then powers off. The endless ones come
+/// after all the others: the network workloads (`sink`, `source`, `echo`,
+/// `ping`) and `diskloop` in one service loop on the BSP, `mem` and
+/// `clock` on every other CPU beside it, or on every CPU if there is no
+/// service loop.
 pub fn run(mut m: Machine<'_>, workloads: &[Workload<'_>]) -> ! {
     for w in workloads {
         match *w {
             Workload::Disk { mib } => blk::workload(m.blk.as_mut(), m.lapic, mib, false),
             Workload::DiskCheck { mib } => blk::workload(m.blk.as_mut(), m.lapic, mib, true),
-            Workload::Mem { mib } => memtest::workload(m.lapic, m.power, mib),
+            Workload::Mem { .. } | Workload::Clock | Workload::DiskLoop { .. } => {}
             Workload::Sink { .. } | Workload::Source { .. } | Workload::Echo { .. } | Workload::Ping { .. } => {}
             Workload::Info => say!("cpus={} mem_kib={}", smp::online(), m.mem_kib),
             Workload::Reboot => m.power.reset(),
@@ -46,10 +72,38 @@ pub fn run(mut m: Machine<'_>, workloads: &[Workload<'_>]) -> ! {
             }
         }
     }
-    if workloads.iter().any(|w| w.is_net()) {
+    let net = workloads.iter().any(|w| w.is_net());
+    let find = |f: fn(&Workload<'_>) -> Option<u64>| workloads.iter().find_map(f);
+    let diskloop = find(|w| match *w {
+        Workload::DiskLoop { mib } => Some(mib),
+        _ => None,
+    });
+    let mem = find(|w| match *w {
+        Workload::Mem { mib } => Some(mib),
+        _ => None,
+    });
+    let clock = workloads.iter().any(|w| matches!(w, Workload::Clock));
+    let serve = net || diskloop.is_some();
+    if mem.is_some() || clock {
+        // Without a service loop this never returns.
+        bg::start(m.lapic, m.power, mem, clock, serve);
+    }
+    let mut extra = Extra {
+        disk: diskloop.and_then(|mib| DiskLoop::new(m.blk.take(), mib)),
+        clock: clock.then(Mono::new),
+    };
+    if net {
         match m.net.take() {
-            Some(dev) => net::run(m.lapic, dev, m.ip, m.gateway, workloads),
+            Some(dev) => net::run(m.lapic, dev, m.ip, m.gateway, workloads, &mut extra),
             None => say!("net error: no virtio-net device"),
+        }
+    } else if extra.disk.is_some() {
+        loop {
+            let seen = irq::irq_count().load(Ordering::Acquire);
+            if extra.service() || extra.arm() {
+                continue;
+            }
+            irq::sleep(m.lapic, seen, Some(1_000_000));
         }
     }
     m.power.poweroff()
