@@ -3,8 +3,15 @@
 //! ```text
 //! status                        -> ok running vcpus=2 snapshots=3
 //! pause | resume                -> ok paused | ok running
-//! snapshot DIR base|incremental -> ok seq=3 pages=812 pause_us=640 bytes=3330048
+//! snapshot DIR base|incremental -> ok seq=3 pages=812 pause_us=640 bytes=3330048 ...
 //! ```
+//! A snapshot's reply goes on with where the pause went (microseconds):
+//! `kick_us` (stopping the vCPUs), `state_us` (vCPU/VM/device state),
+//! `harvest_us` (dirty logs), `protect_us` (write-protecting pages left for
+//! copy-on-write), `copy_us` (copying pages; with
+//! copy-on-write this includes the copy after the pause), `wp_runs` and
+//! `wp_faults` (ranges protected, writes that waited for their page).
+//!
 //! Errors come back as `error MESSAGE`.
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -90,12 +90,126 @@ pub fn next_seq(dir: &Path) -> u32 {
 
 /// Pages copied out of guest memory while the vCPUs were paused.
 pub struct Staging {
-    /// (guest-physical address, offset into `data`)
+    /// Guest-physical addresses; page `i` is [`Staging::page`]`(i)`.
     pub pages: Vec<u64>,
-    pub data: Vec<u8>,
+    /// `off` bytes of padding, then the pages back to back. The padding
+    /// puts the pages on page boundaries in memory: `memcpy` of a 4 KiB
+    /// page to a destination 16 bytes past a page boundary (where a heap
+    /// allocation starts) is ~1.6x slower on this host (4K aliasing of
+    /// source and destination).
+    buf: Vec<u8>,
+    off: usize,
+}
+
+const P: usize = PAGE_SIZE as usize;
+
+/// A page-aligned copy target for `n` pages in `buf`'s allocation: returns
+/// the buffer (cleared, padding initialized, room for `n` pages) and the
+/// padding length.
+fn page_aligned(mut buf: Vec<u8>, n: usize) -> (Vec<u8>, usize) {
+    buf.clear();
+    buf.reserve(n * P + P);
+    let off = buf.as_ptr().align_offset(P).min(P);
+    buf.resize(off, 0);
+    (buf, off)
+}
+
+/// Copies one 4 KiB page from guest memory to a staging slot with
+/// non-temporal stores: the staging area is read once, later, by the
+/// writer, so the copy skips reading the destination into the cache
+/// (~20% faster than `memcpy` here). Call [`copy_done`] before another
+/// thread reads the destination.
+///
+/// # Safety
+/// `src` must be valid for reading and `dst` for writing `P` bytes, and
+/// the two must not overlap.
+pub(crate) unsafe fn copy_page(src: *const u8, dst: *mut u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        if (dst as usize).is_multiple_of(16) {
+            let (s, d) = (src.cast::<__m128i>(), dst.cast::<__m128i>());
+            for i in (0..P / 16).step_by(4) {
+                // SAFETY: i + 3 < P / 16, so every access is within the P
+                // bytes the caller vouches for; `d` is 16-byte aligned
+                // (checked above) as the streaming store needs. SSE2 is
+                // part of x86-64.
+                unsafe {
+                    let a = _mm_loadu_si128(s.add(i));
+                    let b = _mm_loadu_si128(s.add(i + 1));
+                    let c = _mm_loadu_si128(s.add(i + 2));
+                    let e = _mm_loadu_si128(s.add(i + 3));
+                    _mm_stream_si128(d.add(i), a);
+                    _mm_stream_si128(d.add(i + 1), b);
+                    _mm_stream_si128(d.add(i + 2), c);
+                    _mm_stream_si128(d.add(i + 3), e);
+                }
+            }
+            return;
+        }
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, P) };
+}
+
+/// Orders this thread's [`copy_page`] stores before whatever it does next
+/// (such as ending, which a join then observes).
+pub(crate) fn copy_done() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a store fence has no preconditions; SSE2 is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 impl Staging {
+    /// An empty staging area around `buf` for `n` pages, page aligned;
+    /// [`Staging::slot`] gives page `i`'s destination.
+    pub(crate) fn with_capacity(buf: Vec<u8>, n: usize) -> Staging {
+        let (buf, off) = page_aligned(buf, n);
+        Staging {
+            pages: Vec::with_capacity(n),
+            buf,
+            off,
+        }
+    }
+
+    /// Destination of page `i` (< the capacity given at creation).
+    pub(crate) fn slot(&mut self, i: usize) -> *mut u8 {
+        assert!(self.off + i * P <= self.buf.capacity(), "staging slot {i} out of range");
+        // SAFETY: in bounds of the allocation (reserved in `page_aligned`).
+        unsafe { self.buf.as_mut_ptr().add(self.off + i * P) }
+    }
+
+    /// Marks the first `n` slots as holding pages.
+    ///
+    /// # Safety
+    /// Every one of the first `n` slots must have been written.
+    pub(crate) unsafe fn set_filled(&mut self, n: usize) {
+        // SAFETY: the caller wrote the first n slots; the padding was
+        // initialized by `page_aligned`; n is within the reservation.
+        unsafe { self.buf.set_len(self.off + n * P) };
+    }
+
+    /// Moves `other`'s pages to the end of this one's (which keeps its
+    /// alignment only if it does not grow beyond its reservation).
+    pub fn append(&mut self, other: &mut Staging) {
+        for i in 0..other.pages.len() {
+            self.buf.extend_from_slice(other.page(i));
+        }
+        self.pages.append(&mut other.pages);
+    }
+
+    /// Page `i`'s bytes.
+    pub fn page(&self, i: usize) -> &[u8] {
+        &self.buf[self.off + i * P..self.off + (i + 1) * P]
+    }
+
+    /// The buffer, for reuse by the next snapshot.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+
     /// Copies `pages` (guest-physical addresses of 4 KiB pages). With
     /// `skip_zero`, pages that are all zero are left out (a restore starts
     /// from zeroed memory).
@@ -108,39 +222,103 @@ impl Staging {
     ///
     /// Call only while nothing writes guest memory (vCPUs and device
     /// workers parked): pages are copied with plain `memcpy`.
-    pub fn copy_into(mem: &GuestMemoryMmap, pages: &[u64], skip_zero: bool, mut buf: Vec<u8>) -> Staging {
-        const P: usize = PAGE_SIZE as usize;
-        buf.clear();
-        buf.reserve(pages.len() * P);
-        let mut out = Staging {
-            pages: Vec::with_capacity(pages.len()),
-            data: buf,
-        };
-        for &gpa in pages {
-            // A page lies within one region (regions are page aligned).
-            let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else {
-                continue;
-            };
-            if mem.checked_offset(GuestAddress(gpa), P - 1).is_none() {
-                continue;
-            }
-            let at = out.data.len();
-            // SAFETY: `host` points at P bytes of live guest memory (checked
-            // above) that nothing writes during the pause; the destination
-            // is the spare capacity reserved above (at + P <= capacity), and
-            // the two do not overlap (one is guest memory, one our heap).
-            // The P bytes are initialized by the copy before set_len.
-            unsafe {
-                std::ptr::copy_nonoverlapping(host, out.data.as_mut_ptr().add(at), P);
-                out.data.set_len(at + P);
-            }
-            if skip_zero && out.data[at..].iter().all(|b| *b == 0) {
-                out.data.truncate(at);
-                continue;
-            }
-            out.pages.push(gpa);
+    pub fn copy_into(mem: &GuestMemoryMmap, pages: &[u64], skip_zero: bool, buf: Vec<u8>) -> Staging {
+        let (mut out, _) = Self::copy_until(mem, pages, buf, None);
+        if skip_zero {
+            out.drop_zero_pages();
         }
         out
+    }
+
+    /// Copies `pages` in order until all
+    /// are copied or `deadline` passes; returns the staging area (with
+    /// room for all of `pages`) and how many of `pages` it has dealt with
+    /// (copied, or left out for lying outside guest memory). The rest can
+    /// be added with [`crate::uffd::copy_protected`].
+    ///
+    /// Call only while nothing writes guest memory (vCPUs and device
+    /// workers parked): pages are copied with plain `memcpy`.
+    pub fn copy_until(
+        mem: &GuestMemoryMmap,
+        pages: &[u64],
+        buf: Vec<u8>,
+        deadline: Option<std::time::Instant>,
+    ) -> (Staging, usize) {
+        /// Pages a thread copies between looks at the clock.
+        const CHUNK: usize = 32;
+        // A page lies within one region (regions are page aligned); `host`
+        // is 0 for a page outside guest memory.
+        let hosts: Vec<usize> = pages
+            .iter()
+            .map(|&gpa| {
+                let host = mem.get_host_address(GuestAddress(gpa)).ok();
+                match (host, mem.checked_offset(GuestAddress(gpa), P - 1)) {
+                    (Some(h), Some(_)) => h as usize,
+                    _ => 0,
+                }
+            })
+            .collect();
+        let mut out = Staging::with_capacity(buf, pages.len());
+        let dst = out.slot(0);
+        let n = pages.len();
+        // A second copy thread does not help here (the copy is bound by
+        // memory bandwidth) and would add its scheduling delay to the pause.
+        let mut done = 0;
+        while done < n {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                break;
+            }
+            let end = (done + CHUNK).min(n);
+            for (i, &host) in hosts.iter().enumerate().take(end).skip(done) {
+                if host == 0 {
+                    continue;
+                }
+                // SAFETY: `host` points at P bytes of live guest memory
+                // (checked above) that nothing writes during the pause; slot
+                // i is inside the reservation for n pages, and our heap
+                // never overlaps guest memory.
+                unsafe { copy_page(host as *const u8, dst.add(i * P)) };
+            }
+            done = end;
+        }
+        copy_done();
+        // Slots are indexed like `pages`; close the gaps left by pages
+        // outside guest memory (never expected: the pages come from the
+        // regions' own dirty logs).
+        let mut kept = 0;
+        for i in 0..done {
+            if hosts[i] == 0 {
+                continue;
+            }
+            if kept != i {
+                // SAFETY: both slots lie in the reservation; slot i was
+                // written above; kept < i so they do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(dst.add(i * P), dst.add(kept * P), P) };
+            }
+            out.pages.push(pages[i]);
+            kept += 1;
+        }
+        // SAFETY: the first `kept` slots were written above.
+        unsafe { out.set_filled(kept) };
+        (out, done)
+    }
+
+    /// Leaves out all-zero pages, compacting the rest in order.
+    fn drop_zero_pages(&mut self) {
+        let mut kept = 0;
+        for i in 0..self.pages.len() {
+            let at = self.off + i * P;
+            if self.buf[at..at + P].iter().all(|b| *b == 0) {
+                continue;
+            }
+            if kept != i {
+                self.buf.copy_within(at..at + P, self.off + kept * P);
+            }
+            self.pages[kept] = self.pages[i];
+            kept += 1;
+        }
+        self.pages.truncate(kept);
+        self.buf.truncate(self.off + kept * P);
     }
 
     /// Pages of guest memory that were ever populated (present in RAM or
@@ -232,8 +410,7 @@ pub fn write(dir: &Path, state: &MachineSnapshot, staging: &Staging) -> Result<u
         c.write_all(&(staging.pages.len() as u64).to_le_bytes())?;
         for (i, gpa) in staging.pages.iter().enumerate() {
             c.write_all(&gpa.to_le_bytes())?;
-            let at = i * PAGE_SIZE as usize;
-            c.write_all(&staging.data[at..at + PAGE_SIZE as usize])?;
+            c.write_all(staging.page(i))?;
         }
         let crc = c.1.finalize();
         w.write_all(&crc.to_le_bytes())
@@ -371,7 +548,7 @@ mod tests {
             c.write_all(&(staged.pages.len() as u64).to_le_bytes())?;
             for (i, gpa) in staged.pages.iter().enumerate() {
                 c.write_all(&gpa.to_le_bytes())?;
-                c.write_all(&staged.data[i * 4096..(i + 1) * 4096])?;
+                c.write_all(staged.page(i))?;
             }
             let crc = c.1.finalize();
             w.write_all(&crc.to_le_bytes())

@@ -108,6 +108,13 @@ impl MmioBus {
         self.windows.is_empty()
     }
 
+    /// Asks every device's worker to park, without waiting.
+    pub fn request_pause_all(&self) {
+        for (_, _, t) in self.windows.iter() {
+            lock(t).request_pause();
+        }
+    }
+
     /// Parks every device's worker; returns the transports' states in order.
     pub fn pause_all(&self) -> Vec<virtio::mmio::TransportSnap> {
         self.windows.iter().map(|(_, _, t)| lock(t).pause()).collect()

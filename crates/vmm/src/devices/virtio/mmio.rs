@@ -74,6 +74,14 @@ impl MmioTransport {
         })
     }
 
+    /// Asks the device's worker to park soon (see
+    /// [`VirtioDevice::request_pause`]); [`MmioTransport::pause`] waits.
+    pub fn request_pause(&mut self) {
+        if self.activated {
+            self.device.request_pause();
+        }
+    }
+
     /// Parks the device's worker and returns the transport's state; the
     /// device stays parked until [`MmioTransport::resume`].
     pub fn pause(&mut self) -> TransportSnap {

@@ -95,6 +95,9 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         false
     }
+    /// Asks the device's worker to park at its next wake-up, without
+    /// waiting (a later [`VirtioDevice::pause`] waits for it).
+    fn request_pause(&mut self) {}
     /// Parks the device's worker between requests and returns the state of
     /// the queues it owns (`None` if the device is not active).
     fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {

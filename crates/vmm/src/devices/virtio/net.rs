@@ -188,6 +188,12 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    fn request_pause(&mut self) {
+        if let Some((_, ctl)) = &self.worker {
+            ctl.request_pause();
+        }
+    }
+
     fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
         self.worker.as_ref().map(|(_, ctl)| ctl.pause())
     }

@@ -108,6 +108,17 @@ impl WorkerCtl {
         !g.stop
     }
 
+    /// VMM side: asks the worker to park at its next wake-up and returns
+    /// at once; [`WorkerCtl::pause`] then waits for it. Lets the worker
+    /// park while the vCPUs are being stopped.
+    pub fn request_pause(&self) {
+        let mut g = lock(&self.state);
+        if !g.pause {
+            g.pause = true;
+            let _ = self.wake.write(1);
+        }
+    }
+
     /// VMM side: parks the worker; returns its queues.
     pub fn pause(&self) -> Vec<QueueSnap> {
         let mut g = lock(&self.state);
