@@ -94,6 +94,21 @@ fn packet_socket(dev: &str) -> io::Result<OwnedFd> {
             )
         })?;
     }
+    // A burst (an epoch's output released at once) must reach the emulated
+    // bottleneck queue instead of overflowing the socket's default 208 KiB.
+    let big: libc::c_int = 64 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: setsockopt reads an int from a valid pointer for the call.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&big as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
     let cname = std::ffi::CString::new(dev).map_err(|_| io::Error::other("bad interface name"))?;
     // SAFETY: if_nametoindex reads a NUL-terminated string valid for the call.
     let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };

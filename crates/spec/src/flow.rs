@@ -104,6 +104,9 @@ impl AckInfo {
     }
 }
 
+/// Retransmissions remembered per fast recovery.
+const RETX_LOG_MAX: usize = 4096;
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Recovery {
     /// snd_max when recovery started; recovery ends when it is acknowledged.
@@ -198,6 +201,9 @@ pub(crate) struct Flow {
     pub sacked: Vec<(u32, u32)>,
     pub recovery: Option<Recovery>,
     pub retx_nxt: u32,
+    /// Retransmissions of the current fast recovery: (start, end, when),
+    /// to tell when one of them was lost too.
+    pub retx_log: VecDeque<(u32, u32, Duration)>,
     pub retries: u32,
     pub rto_deadline: Option<Duration>,
     pub persist_deadline: Option<Duration>,
@@ -270,6 +276,7 @@ impl Flow {
             sacked: Vec::new(),
             recovery: None,
             retx_nxt: 0,
+            retx_log: VecDeque::new(),
             retries: 0,
             rto_deadline: None,
             persist_deadline: None,
@@ -1046,6 +1053,10 @@ impl Flow {
 
     fn retransmit(&mut self, ctx: &mut Ctx<'_>, now: Duration, start: u32, len: u32, fin: bool) {
         ctx.stats.retransmits += 1;
+        if self.recovery.is_some_and(|r| !r.after_rto) && self.retx_log.len() < RETX_LOG_MAX {
+            self.retx_log
+                .push_back((start, start.wrapping_add(len).wrapping_add(u32::from(fin)), now));
+        }
         // Karn: never sample RTT from a retransmitted range.
         if let Some((end, _)) = self.rtt_probe {
             if seq::gt(end, start) {
@@ -1066,19 +1077,57 @@ impl Flow {
             after_rto: false,
         });
         ctx.stats.fast_recoveries += 1;
+        self.retx_log.clear();
         // Fast retransmit of the first hole, regardless of cwnd.
+        self.retx_nxt = self.retransmit_first_hole(ctx, now).unwrap_or(self.snd_una);
+    }
+
+    /// Retransmits the first segment not acknowledged and not SACKed,
+    /// regardless of cwnd; returns its end.
+    fn retransmit_first_hole(&mut self, ctx: &mut Ctx<'_>, now: Duration) -> Option<u32> {
+        let mss = self.mss_eff(ctx.cfg);
         let start = self.next_unsacked(self.snd_una);
-        if seq::lt(start, self.snd_max) {
-            let mut end = seq::min(start.wrapping_add(mss), self.snd_max);
-            if let Some(ns) = self.next_sack_start(start) {
-                end = seq::min(end, ns);
+        if !seq::lt(start, self.snd_max) {
+            return None;
+        }
+        let mut end = seq::min(start.wrapping_add(mss), self.snd_max);
+        if let Some(ns) = self.next_sack_start(start) {
+            end = seq::min(end, ns);
+        }
+        let data_end = seq::min(end, self.committed_end);
+        let fin = self.committed_fin && data_end == self.committed_end && seq::gt(end, self.committed_end);
+        self.retransmit(ctx, now, start, seq::dist(start, data_end), fin);
+        Some(end)
+    }
+
+    /// During fast recovery: if the retransmission of the segment at
+    /// snd_una was itself lost, send it again now instead of waiting for
+    /// the retransmission timeout (a RACK-style check: the peer keeps
+    /// acknowledging later data more than an RTT after the retransmission
+    /// left). One lost retransmission used to cost a 200 ms+ timeout and a
+    /// restart from one segment.
+    fn recover_lost_retransmission(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        let (Some(r), Some(srtt)) = (self.recovery, self.srtt) else {
+            return;
+        };
+        let una = self.snd_una;
+        if r.after_rto || una == self.snd_max || self.sacked_in(una, self.snd_max) == 0 {
+            return;
+        }
+        let Some(&(_, _, at)) = self
+            .retx_log
+            .iter()
+            .rev()
+            .find(|e| seq::le(e.0, una) && seq::lt(una, e.1))
+        else {
+            return;
+        };
+        let reorder_window = srtt / 4 + Duration::from_millis(1);
+        if now.saturating_sub(at) > srtt + reorder_window {
+            ctx.stats.lost_retransmits += 1;
+            if let Some(end) = self.retransmit_first_hole(ctx, now) {
+                self.retx_nxt = seq::max(self.retx_nxt, end);
             }
-            let data_end = seq::min(end, self.committed_end);
-            let fin = self.committed_fin && data_end == self.committed_end && seq::gt(end, self.committed_end);
-            self.retransmit(ctx, now, start, seq::dist(start, data_end), fin);
-            self.retx_nxt = end;
-        } else {
-            self.retx_nxt = self.snd_una;
         }
     }
 
@@ -1144,6 +1193,7 @@ impl Flow {
             *ctx.global_held = ctx.global_held.saturating_sub(bytes as u64);
             self.snd_una = ack;
             self.retx_nxt = seq::max(self.retx_nxt, ack);
+            self.retx_log.retain(|e| seq::gt(e.1, ack));
             self.sacked.retain(|b| seq::gt(b.1, ack));
             if let Some(first) = self.sacked.first_mut() {
                 first.0 = seq::max(first.0, ack);
@@ -1163,6 +1213,7 @@ impl Flow {
             match self.recovery {
                 Some(r) if seq::ge(ack, r.point) => {
                     self.recovery = None;
+                    self.retx_log.clear();
                     if !r.after_rto {
                         self.cwnd = self.ssthresh.max(mss);
                     }
@@ -1201,6 +1252,7 @@ impl Flow {
             && self.snd_max != self.snd_una
         {
             self.dupacks += 1;
+            self.recover_lost_retransmission(ctx, now);
         }
         self.probes_out = 0;
         if !self.window_closed() {
@@ -1385,6 +1437,7 @@ impl Flow {
                         point: self.snd_max,
                         after_rto: true,
                     });
+                    self.retx_log.clear();
                     self.retx_nxt = self.snd_una;
                     self.rto = (self.rto * 2).min(ctx.cfg.max_rto);
                     self.send_loop(ctx, now);

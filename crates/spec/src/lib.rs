@@ -187,6 +187,9 @@ pub struct Stats {
     pub segments_sent: u64,
     pub retransmits: u64,
     pub fast_recoveries: u64,
+    /// Retransmissions found lost during fast recovery and sent again
+    /// without waiting for a timeout.
+    pub lost_retransmits: u64,
     pub timeouts: u64,
     pub zero_window_probes: u64,
     pub peer_acks_consumed: u64,
