@@ -5,5 +5,22 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 case "${1:-}" in
     boot|snapshot|net) cargo build --release --quiet && cargo bench --quiet --bench "$1" ;;
-    *) echo "usage: scripts/bench.sh boot|snapshot|net" >&2; exit 2 ;;
+    relay)
+        # The plot needs matplotlib: Debian's, for Debian's python3 (a
+        # python3 earlier in PATH, e.g. pyenv's, may lack it). Installed
+        # before the ~10 minute run.
+        py=python3
+        if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+            py=/usr/bin/python3
+            if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+                echo "remora: installing python3-matplotlib" >&2
+                apt-get update -qq
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null
+            fi
+        fi
+        cargo build --release --quiet
+        cargo bench --quiet --bench relay
+        "$py" scripts/plot_relay.py target/bench/relay.json target/bench/relay.png
+        ;;
+    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay" >&2; exit 2 ;;
 esac

@@ -8,6 +8,11 @@
 //! egress filter compiled by clang-14 (this host has no netem).
 
 pub mod emu;
+pub mod relay;
+
+pub use relay::{
+    set_tcp_congestion, tcp_congestion, RelayLan, Shaping, INNER_TAP, OUTER_TAP, RELAY_CLIENT_IP, RELAY_SERVER_IP,
+};
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
