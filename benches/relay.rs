@@ -15,7 +15,8 @@
 //! namespaces, runs RUN seconds, and reports the goodput at the receiver
 //! after the first SKIP (handshake, slow start). The servers' congestion
 //! control (cubic and bbr by default; REMORA_BENCH_CC=cubic,bbr) is set per
-//! socket; REMORA_BENCH_LINKS=veth,... runs a subset of the links; REMORA_BENCH_VERBOSE=1 prints each relay summary. Prints a table of Gbit/s with speculative/direct and
+//! socket; REMORA_BENCH_LINKS=veth,... runs a subset of the links; REMORA_BENCH_VERBOSE=1 prints each relay summary;
+//! REMORA_BENCH_EPOCHS=25 and REMORA_BENCH_FLOWS=1 narrow the grid. Prints a table of Gbit/s with speculative/direct and
 //! speculative/buffered ratios, writes target/bench/relay.json, and
 //! scripts/bench.sh draws target/bench/relay.png from it.
 //!
@@ -219,15 +220,32 @@ fn main() {
         .into_iter()
         .filter(|l| only.as_deref().is_none_or(|o| o.split(',').any(|n| n.trim() == l.name)))
         .collect();
+    // REMORA_BENCH_EPOCHS=25 and REMORA_BENCH_FLOWS=1 narrow the grid too.
+    let list = |var: &str, all: &[u64]| -> Vec<u64> {
+        std::env::var(var).ok().map_or_else(
+            || all.to_vec(),
+            |v| {
+                v.split(',')
+                    .filter_map(|x| x.trim().parse().ok())
+                    .filter(|x| all.contains(x))
+                    .collect()
+            },
+        )
+    };
+    let epochs_ms = list("REMORA_BENCH_EPOCHS", &EPOCHS_MS);
+    let flows_list: Vec<usize> = list("REMORA_BENCH_FLOWS", &FLOWS.map(|f| f as u64))
+        .into_iter()
+        .map(|f| f as usize)
+        .collect();
     let started = Instant::now();
     let mut cells: Vec<Cell> = Vec::new();
     let mut port = 7000u16;
     for link in &links {
         let lan = RelayLan::new("bl", link.shaping.clone()).expect("namespaces (run as root)");
         for cc in &ccs {
-            for flows in FLOWS {
+            for &flows in &flows_list {
                 let mut runs: Vec<(&'static str, Option<u64>)> = vec![("direct", None)];
-                for e in EPOCHS_MS {
+                for &e in &epochs_ms {
                     runs.push(("buffered", Some(e)));
                     runs.push(("speculative", Some(e)));
                 }
@@ -280,9 +298,9 @@ fn main() {
     );
     for cc in &ccs {
         for l in &links {
-            for flows in FLOWS {
+            for &flows in &flows_list {
                 let d = get(cc, l.name, flows, "direct", None);
-                for e in EPOCHS_MS {
+                for &e in &epochs_ms {
                     let b = get(cc, l.name, flows, "buffered", Some(e));
                     let s = get(cc, l.name, flows, "speculative", Some(e));
                     println!(
@@ -329,8 +347,8 @@ fn main() {
              \"links\":[{}],\"rows\":[\n{}\n]}}\n",
             RUN.as_secs_f64(),
             SKIP.as_secs_f64(),
-            EPOCHS_MS,
-            FLOWS,
+            epochs_ms,
+            flows_list,
             ccs_json.join(","),
             links_json.join(","),
             rows.join(",\n")

@@ -1,6 +1,6 @@
 //! Per-flow state of speculated TCP connections: the guest's speculative
 //! view, the held stream, and the sender toward the peer (retransmission,
-//! RTO, NewReno with SACK recovery, zero-window probing).
+//! RTO, CUBIC with SACK recovery, zero-window probing).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -104,6 +104,73 @@ impl AckInfo {
     }
 }
 
+/// CUBIC's multiplicative decrease (RFC 9438: beta_cubic = 0.7).
+fn cubic_reduce(flight: u32, mss: u32) -> u32 {
+    ((u64::from(flight) * 7 / 10) as u32).max(2 * mss)
+}
+
+/// CUBIC congestion avoidance (RFC 9438), in bytes and `Duration`s.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Cubic {
+    /// Window (bytes) just before the last congestion event.
+    w_max: u32,
+    /// Start of the current congestion-avoidance epoch.
+    epoch_start: Option<Duration>,
+    /// Time for the curve to climb back to `w_max`.
+    k: Duration,
+    /// Origin of the curve (bytes): `w_max`, or cwnd if already above it.
+    origin: u32,
+    /// Reno-friendly window estimate (bytes).
+    w_est: u32,
+}
+
+/// RFC 9438's C = 0.4 segments/s^3.
+const CUBIC_C: f64 = 0.4;
+
+impl Cubic {
+    /// A loss or timeout: remember the window (with fast convergence) and
+    /// start a new epoch at the next ACK in congestion avoidance.
+    fn on_congestion(&mut self, cwnd: u32) {
+        self.w_max = if cwnd < self.w_max {
+            // Fast convergence: release bandwidth to newer flows.
+            (u64::from(cwnd) * 17 / 20) as u32
+        } else {
+            cwnd
+        };
+        self.epoch_start = None;
+    }
+
+    /// The window CUBIC aims for one RTT from `now`, given that `acked`
+    /// bytes were just acknowledged at window `cwnd`.
+    fn target(&mut self, now: Duration, rtt: Duration, cwnd: u32, mss: u32, acked: u32) -> u32 {
+        let mss_f = f64::from(mss.max(1));
+        let start = match self.epoch_start {
+            Some(t) => t,
+            None => {
+                self.epoch_start = Some(now);
+                self.w_est = cwnd;
+                if cwnd < self.w_max {
+                    let segs = f64::from(self.w_max - cwnd) / mss_f;
+                    self.k = Duration::from_secs_f64((segs / CUBIC_C).cbrt());
+                    self.origin = self.w_max;
+                } else {
+                    self.k = Duration::ZERO;
+                    self.origin = cwnd;
+                }
+                now
+            }
+        };
+        let t = (now.saturating_sub(start) + rtt).as_secs_f64() - self.k.as_secs_f64();
+        let w_cubic = f64::from(self.origin) + CUBIC_C * t * t * t * mss_f;
+        // Reno-friendly region: alpha = 3 (1 - beta) / (1 + beta) segments per RTT.
+        let alpha = 3.0 * 0.3 / 1.7;
+        let grow = alpha * f64::from(acked) / f64::from(cwnd.max(1)) * mss_f;
+        self.w_est = (f64::from(self.w_est) + grow).min(f64::from(u32::MAX)) as u32;
+        let target = w_cubic.max(f64::from(self.w_est));
+        target.clamp(f64::from(cwnd), f64::from(cwnd) * 1.5) as u32
+    }
+}
+
 /// Retransmissions remembered per fast recovery.
 const RETX_LOG_MAX: usize = 4096;
 
@@ -192,6 +259,10 @@ pub(crate) struct Flow {
     pub cwnd: u32,
     pub ssthresh: u32,
     pub ca_acc: u32,
+    /// CUBIC (RFC 9438) state: the window before the last reduction, the
+    /// start of the current congestion-avoidance epoch, the time the cubic
+    /// curve takes to reach `w_max` again, and the Reno-friendly estimate.
+    pub cubic: Cubic,
     pub srtt: Option<Duration>,
     pub rttvar: Duration,
     pub rto: Duration,
@@ -268,6 +339,7 @@ impl Flow {
             cwnd: 0,
             ssthresh: u32::MAX,
             ca_acc: 0,
+            cubic: Cubic::default(),
             srtt: None,
             rttvar: Duration::ZERO,
             rto: cfg.initial_rto,
@@ -1070,7 +1142,8 @@ impl Flow {
     fn enter_recovery(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
         let mss = self.mss_eff(ctx.cfg);
         let flight = seq::dist(self.snd_una, self.snd_max);
-        self.ssthresh = (flight / 2).max(2 * mss);
+        self.cubic.on_congestion(self.cwnd);
+        self.ssthresh = cubic_reduce(flight, mss);
         self.cwnd = self.ssthresh;
         self.recovery = Some(Recovery {
             point: self.snd_max,
@@ -1230,11 +1303,16 @@ impl Flow {
                     if self.cwnd < self.ssthresh {
                         self.cwnd = self.cwnd.saturating_add(acked.min(self.cwnd));
                     } else {
-                        self.ca_acc = self.ca_acc.saturating_add(acked);
-                        if self.ca_acc >= self.cwnd {
-                            self.ca_acc -= self.cwnd;
-                            self.cwnd = self.cwnd.saturating_add(mss);
-                        }
+                        let target = self
+                            .cubic
+                            .target(now, self.srtt.unwrap_or(self.rto), self.cwnd, mss, acked);
+                        // Grow toward the target by (target - cwnd) / cwnd
+                        // per acknowledged byte (at least Reno's pace).
+                        let step = u64::from(target.saturating_sub(self.cwnd)).max(u64::from(mss));
+                        let add = u64::from(acked) * step + u64::from(self.ca_acc);
+                        let inc = add / u64::from(self.cwnd.max(1));
+                        self.ca_acc = (add % u64::from(self.cwnd.max(1))) as u32;
+                        self.cwnd = self.cwnd.saturating_add(inc.min(u64::from(mss) * 64) as u32);
                     }
                 }
             }
@@ -1427,7 +1505,8 @@ impl Flow {
                     let mss = self.mss_eff(ctx.cfg);
                     if self.recovery.is_none_or(|r| !r.after_rto) {
                         let flight = self.pipe(ctx.cfg);
-                        self.ssthresh = (flight / 2).max(2 * mss);
+                        self.cubic.on_congestion(self.cwnd);
+                        self.ssthresh = cubic_reduce(flight, mss);
                     }
                     self.cwnd = mss;
                     self.ca_acc = 0;
@@ -1464,5 +1543,39 @@ impl Flow {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod cubic_tests {
+    use super::*;
+
+    const MSS: u32 = 1000;
+
+    #[test]
+    fn cubic_climbs_back_to_w_max_after_k_and_probes_beyond() {
+        let mut c = Cubic::default();
+        c.on_congestion(100 * MSS);
+        let cwnd = cubic_reduce(100 * MSS, MSS);
+        assert_eq!(cwnd, 70 * MSS);
+        let rtt = Duration::from_millis(10);
+        let t0 = Duration::from_secs(1);
+        // K = cbrt(30 / 0.4) = 4.22 s.
+        let first = c.target(t0, rtt, cwnd, MSS, MSS);
+        assert!(first >= cwnd && first < 72 * MSS, "concave start: {first}");
+        assert!((c.k.as_secs_f64() - 4.217).abs() < 0.01, "K {:?}", c.k);
+        let at_k = c.target(t0 + c.k - rtt, rtt, 99 * MSS, MSS, MSS);
+        assert!((99 * MSS..=101 * MSS).contains(&at_k), "plateau at w_max: {at_k}");
+        let later = c.target(t0 + c.k + Duration::from_secs(3), rtt, 101 * MSS, MSS, MSS);
+        assert!(later > 105 * MSS, "convex probing beyond w_max: {later}");
+        assert!(later <= 151 * MSS + MSS / 2, "at most 1.5 cwnd: {later}");
+    }
+
+    #[test]
+    fn fast_convergence_lowers_w_max_when_losses_come_earlier() {
+        let mut c = Cubic::default();
+        c.on_congestion(100 * MSS);
+        c.on_congestion(80 * MSS);
+        assert_eq!(c.w_max, 68 * MSS);
     }
 }

@@ -14,7 +14,7 @@
 //! * `Speculative`: TCP flows seen from their SYN are acknowledged to the
 //!   guest at once; their bytes are held until their epoch commits and the
 //!   engine then owns their reliable delivery to the peer (retransmission,
-//!   RFC 6298 RTO, fast retransmit / SACK recovery, NewReno congestion
+//!   RFC 6298 RTO, fast retransmit / SACK recovery, CUBIC congestion
 //!   control, zero-window probing). Everything else falls back to `Buffered`.
 //!
 //! Outer->inner frames are always delivered at once; in `Speculative` mode
