@@ -278,6 +278,12 @@ pub(crate) struct Flow {
     pub retries: u32,
     pub rto_deadline: Option<Duration>,
     pub persist_deadline: Option<Duration>,
+    /// Tail loss probe (RFC 8985 section 7): when the last segments of a
+    /// flight are lost no duplicate ACK arrives, so after about two RTTs
+    /// the last segment is sent again to draw a SACK that reveals the hole.
+    pub tlp_deadline: Option<Duration>,
+    /// A probe is out (one per flight, until snd_una advances).
+    pub tlp_sent: bool,
     pub persist_backoff: u32,
     /// Window probes / zero-window retransmissions without any ACK since.
     pub probes_out: u32,
@@ -352,6 +358,8 @@ impl Flow {
             retries: 0,
             rto_deadline: None,
             persist_deadline: None,
+            tlp_deadline: None,
+            tlp_sent: false,
             persist_backoff: 0,
             probes_out: 0,
             linger: Some(now + cfg.handshake_timeout),
@@ -371,7 +379,7 @@ impl Flow {
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Duration> {
-        [self.rto_deadline, self.persist_deadline, self.linger]
+        [self.rto_deadline, self.persist_deadline, self.linger, self.tlp_deadline]
             .into_iter()
             .flatten()
             .min()
@@ -1107,6 +1115,7 @@ impl Flow {
                 self.rtt_probe = Some((self.snd_max, now));
             }
             self.arm_rto(now);
+            self.arm_tlp(now);
         }
         if self.snd_max == self.snd_una && seq::lt(self.snd_max, stream_end) && self.window_closed() {
             if self.persist_deadline.is_none() {
@@ -1173,6 +1182,43 @@ impl Flow {
         Some(end)
     }
 
+    /// Arms the tail loss probe for the current flight: two smoothed RTTs
+    /// (at least 5 ms) after now, if that comes before the RTO.
+    fn arm_tlp(&mut self, now: Duration) {
+        self.tlp_deadline = None;
+        let Some(srtt) = self.srtt else {
+            return;
+        };
+        if self.tlp_sent || self.recovery.is_some() || self.snd_una == self.snd_max {
+            return;
+        }
+        let at = now + (srtt * 2).max(Duration::from_millis(5));
+        if self.rto_deadline.is_none_or(|rto| at < rto) {
+            self.tlp_deadline = Some(at);
+        }
+    }
+
+    /// Sends the last segment of the flight again (the tail loss probe).
+    fn send_tail_probe(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        if self.phase != Phase::Established
+            || self.recovery.is_some()
+            || self.snd_una == self.snd_max
+            || self.window_closed()
+        {
+            return;
+        }
+        let mss = self.mss_eff(ctx.cfg);
+        let data_end = seq::min(self.snd_max, self.committed_end);
+        let start = seq::max(self.snd_una, data_end.wrapping_sub(mss));
+        let fin = self.committed_fin && self.snd_max == self.committed_end.wrapping_add(1);
+        if start == data_end && !fin {
+            return;
+        }
+        ctx.stats.tail_probes += 1;
+        self.tlp_sent = true;
+        self.retransmit(ctx, now, start, seq::dist(start, data_end), fin);
+    }
+
     /// During fast recovery: if the retransmission of the segment at
     /// snd_una was itself lost, send it again now instead of waiting for
     /// the retransmission timeout (a RACK-style check: the peer keeps
@@ -1232,6 +1278,7 @@ impl Flow {
     /// Process the ACK, window and SACK fields of a peer segment.
     pub(crate) fn on_peer_ack(&mut self, ctx: &mut Ctx<'_>, now: Duration, seg: &Segment<'_>) {
         let ack = seg.ack;
+        let probe_out = self.tlp_sent;
         if seq::lt(ack, self.snd_una.wrapping_sub(1 << 30)) {
             return;
         }
@@ -1267,6 +1314,7 @@ impl Flow {
             self.snd_una = ack;
             self.retx_nxt = seq::max(self.retx_nxt, ack);
             self.retx_log.retain(|e| seq::gt(e.1, ack));
+            self.tlp_sent = false;
             self.sacked.retain(|b| seq::gt(b.1, ack));
             if let Some(first) = self.sacked.first_mut() {
                 first.0 = seq::max(first.0, ack);
@@ -1337,11 +1385,18 @@ impl Flow {
             self.persist_backoff = 0;
         }
         if self.recovery.is_none() && self.snd_max != self.snd_una {
-            let sack_loss = self.sack_ok && self.sacked_in(self.snd_una, self.snd_max) >= 3 * mss;
-            if self.dupacks >= 3 || sack_loss {
+            let sacked = if self.sack_ok {
+                self.sacked_in(self.snd_una, self.snd_max)
+            } else {
+                0
+            };
+            // The answer to a tail loss probe SACKs it above a hole: that
+            // hole was lost (no more duplicate ACKs are coming).
+            if self.dupacks >= 3 || sacked >= 3 * mss || (probe_out && sacked > 0) {
                 self.enter_recovery(ctx, now);
             }
         }
+        self.arm_tlp(now);
         if let Some((tsval, _)) = seg.opts.timestamps {
             self.peer_ts_recent = Some(self.peer_ts_recent.map_or(tsval, |t| seq::max(t, tsval)));
         }
@@ -1523,6 +1578,10 @@ impl Flow {
                     self.arm_rto(now);
                 }
             }
+        }
+        if self.tlp_deadline.is_some_and(|d| d <= now) {
+            self.tlp_deadline = None;
+            self.send_tail_probe(ctx, now);
         }
         if let Some(d) = self.persist_deadline {
             if d <= now {

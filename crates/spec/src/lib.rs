@@ -190,6 +190,8 @@ pub struct Stats {
     /// Retransmissions found lost during fast recovery and sent again
     /// without waiting for a timeout.
     pub lost_retransmits: u64,
+    /// Tail loss probes sent (the last segment again, ~2 RTTs after it).
+    pub tail_probes: u64,
     pub timeouts: u64,
     pub zero_window_probes: u64,
     pub peer_acks_consumed: u64,

@@ -1257,3 +1257,71 @@ fn zero_window_probes_and_abort_when_peer_is_gone() {
     assert_eq!(e.stats().aborted_flows, 1);
     assert_eq!(e.stats().bytes_held, 0);
 }
+
+/// A lost tail draws no duplicate ACKs: the tail loss probe (the last
+/// segment again, two RTTs on) makes the peer reveal the hole long before
+/// the RTO, and a retransmission lost again is resent once the peer keeps
+/// SACKing past it for more than an RTT.
+#[test]
+fn tail_loss_probe_and_lost_retransmission_beat_the_rto() {
+    let ep = Ep { v6: false };
+    let mut e = open(ep, 1 << 20);
+    let seg_len = 1388u32;
+    let base = GISN.wrapping_add(1);
+    let data = vec![5u8; seg_len as usize * 5];
+    let end = base.wrapping_add(data.len() as u32);
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &data),
+    );
+    drain(&mut e);
+    assert_eq!(commit_all(&mut e, ms(20)).len(), 5);
+    // The first two segments arrive (an RTT sample of 10 ms); the tail of
+    // three is lost, so no duplicate ACK will ever come.
+    let peer_ack =
+        |ack: u32, sack: &[(u32, u32)]| ep.peer(PISN + 1, ack, flags::ACK, 8192, Some((5100, 1100)), sack, &[]);
+    e.handle_outer(ms(30), &peer_ack(base.wrapping_add(2 * seg_len), &[]));
+    assert!(drain(&mut e).is_empty());
+    let probe_at = e.poll_timeout().expect("a timer");
+    assert!(
+        probe_at < ms(100),
+        "probe after ~2 RTTs, not the 200 ms+ RTO: {probe_at:?}"
+    );
+    e.handle_timeout(probe_at);
+    let out = drain(&mut e);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        seg(&out[0].frame).seq,
+        base.wrapping_add(4 * seg_len),
+        "the last segment again"
+    );
+    assert_eq!(e.stats().tail_probes, 1);
+    assert_eq!(e.stats().timeouts, 0);
+    // The probe's SACK shows the hole: recovery retransmits it at once.
+    let t = probe_at + ms(10);
+    e.handle_outer(
+        t,
+        &peer_ack(base.wrapping_add(2 * seg_len), &[(base.wrapping_add(4 * seg_len), end)]),
+    );
+    let retx: Vec<u32> = drain(&mut e).iter().map(|t| seg(&t.frame).seq).collect();
+    assert_eq!(retx.first(), Some(&base.wrapping_add(2 * seg_len)), "{retx:?}");
+    assert_eq!(e.stats().fast_recoveries, 1);
+    // That retransmission is lost as well; the peer keeps SACKing newer
+    // data (here: the other hole's retransmission) well over an RTT later.
+    let later = t + ms(30);
+    e.handle_outer(
+        later,
+        &peer_ack(base.wrapping_add(2 * seg_len), &[(base.wrapping_add(3 * seg_len), end)]),
+    );
+    let retx: Vec<u32> = drain(&mut e).iter().map(|t| seg(&t.frame).seq).collect();
+    assert_eq!(
+        retx,
+        vec![base.wrapping_add(2 * seg_len)],
+        "the lost retransmission again"
+    );
+    assert_eq!(e.stats().lost_retransmits, 1);
+    assert_eq!(e.stats().timeouts, 0);
+    e.handle_outer(later + ms(10), &peer_ack(end, &[]));
+    assert!(e.is_idle());
+    assert_eq!(e.poll_timeout(), None);
+}
