@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{guest_bin, require_kvm, run_remora, Run};
+use common::{guest_bin, require_kvm, run_remora, splitmix64, Run};
 
 /// A fresh zero-filled image in the target directory, removed on drop.
 struct Image(PathBuf);
@@ -116,11 +116,4 @@ fn disk_too_small_is_reported() {
         r.line("remora-guest: disk error: disk has 2048 sectors").is_some(),
         "size error",
     );
-}
-
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{boot_on_lan, require_kvm, Running, Vmm};
+use common::{boot_on_lan, hex, require_kvm, splitmix64, splitmix_stream_sha, Running, Vmm};
 use remora_netlab::{VmLan, CLIENT_IP, GUEST_IP};
 use sha2::{Digest, Sha256};
 
@@ -33,10 +33,6 @@ fn stop(vm: Running) {
     let run = vm.finish(Duration::from_secs(10));
     eprintln!("--- guest console:\n{}", run.stdout());
     assert!(!run.timed_out, "remora did not stop on SIGTERM\n{}", run.stderr);
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Sends one ICMP echo request from an unprivileged ICMP datagram socket
@@ -152,32 +148,6 @@ fn arp_and_ping() {
         "client ARP entry for {GUEST_IP} is {mac}: {neigh}"
     );
     assert!(echo.expect("tcp echo"), "echoed bytes differ");
-}
-
-/// Splitmix64, the guest's `source` stream generator (README).
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// SHA-256 of the first `len` bytes (a multiple of 8) of the source stream.
-fn source_stream_sha(len: u64) -> String {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut k = 0u64;
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        for c in buf[..n].chunks_exact_mut(8) {
-            c.copy_from_slice(&splitmix64(k).to_le_bytes());
-            k += 1;
-        }
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    hex(&h.finalize())
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -334,7 +304,7 @@ fn transfer_1gib(lan: &VmLan, mut vm: Running) -> (f64, f64) {
     assert_eq!(field(&line, "sha256="), sha, "{line}");
     assert_eq!(
         sha,
-        source_stream_sha(GIB),
+        splitmix_stream_sha(0, GIB),
         "the stream follows the documented generator"
     );
     (rx_gbps, tx_gbps)

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{hex, splitmix64, splitmix_stream_sha};
 use remora_netlab::emu::LinkProfile;
 use remora_netlab::{RelayLan, Shaping};
 use sha2::{Digest, Sha256};
@@ -215,18 +216,6 @@ fn kv_req(line: &str, key: &str) -> u64 {
 // ---------------------------------------------------------------------------
 // Streams
 
-/// splitmix64: the stream pattern, one 64-bit word per 8 bytes.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Writes `len` bytes (a multiple of 8) of stream `seed`, then shuts the
 /// write side down; returns the SHA-256 of what was written. `progress`
 /// counts bytes handed to the kernel.
@@ -271,24 +260,6 @@ fn recv_stream(mut s: &TcpStream, progress: Option<&AtomicU64>) -> std::io::Resu
             Err(e) => return Err(std::io::Error::new(e.kind(), format!("after {n} bytes: {e}"))),
         }
     }
-}
-
-/// The SHA-256 `send_stream(seed, len)` produces.
-fn stream_sha(seed: u64, len: u64) -> String {
-    let mut h = Sha256::new();
-    let mut k = seed << 40;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        for c in buf[..n].chunks_exact_mut(8) {
-            c.copy_from_slice(&splitmix64(k).to_le_bytes());
-            k += 1;
-        }
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    hex(&h.finalize())
 }
 
 /// A listening socket in the server namespace.
@@ -802,5 +773,5 @@ fn stalled_reader_keeps_relay_memory_bounded() {
         "relay VmRSS grew from {rss0} to {rss_max} KiB while the peer did not read"
     );
     // The sender hashed what it wrote; the pattern is what it should be.
-    assert_eq!(stream_sha(50, total), want);
+    assert_eq!(splitmix_stream_sha(50 << 40, total), want);
 }

@@ -355,3 +355,37 @@ pub fn paced_stream(
         Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     })
 }
+
+/// splitmix64: the test guest's stream and disk pattern generator (see
+/// crates/guest/README.md), one 64-bit little-endian word per 8 bytes.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 (hex) of the first `len` bytes (a multiple of 8) of the
+/// splitmix64 stream whose first word is `splitmix64(first)`.
+pub fn splitmix_stream_sha(first: u64, len: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut k = first;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        for c in buf[..n].chunks_exact_mut(8) {
+            c.copy_from_slice(&splitmix64(k).to_le_bytes());
+            k += 1;
+        }
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    hex(&h.finalize())
+}

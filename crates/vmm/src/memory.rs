@@ -151,6 +151,22 @@ pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
     map
 }
 
+/// vCPU 0 of `vm` in real mode with CS base 0, about to run at `rip`
+/// (tests that let a guest write memory).
+#[cfg(test)]
+pub(crate) fn real_mode_vcpu(vm: &kvm_ioctls::VmFd, rip: u64) -> kvm_ioctls::VcpuFd {
+    let vcpu = vm.create_vcpu(0).expect("create vCPU");
+    let mut sregs = vcpu.get_sregs().expect("sregs");
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).expect("set sregs");
+    let mut regs = vcpu.get_regs().expect("regs");
+    regs.rip = rip;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).expect("set regs");
+    vcpu
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,15 +207,7 @@ mod tests {
         mem.write_slice(&[0xc6, 0x06, 0x00, 0x30, 0x01, 0xf4], GuestAddress(0x1000))
             .unwrap();
         let _ = harvest_dirty(&vm, &mem).unwrap(); // the loader's own writes
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).unwrap();
+        let mut vcpu = real_mode_vcpu(&vm, 0x1000);
         assert!(matches!(vcpu.run(), Ok(kvm_ioctls::VcpuExit::Hlt)));
         mem.write_obj(7u32, GuestAddress(0x50_0000)).unwrap();
         let dirty = harvest_dirty(&vm, &mem).unwrap();

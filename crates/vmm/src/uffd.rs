@@ -430,15 +430,7 @@ mod tests {
         assert_eq!(runs.len(), 2, "{runs:?}");
         protect(&wp, &runs).unwrap();
 
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).unwrap();
+        let mut vcpu = crate::memory::real_mode_vcpu(&vm, 0x1000);
         let guest = std::thread::spawn(move || matches!(vcpu.run(), Ok(kvm_ioctls::VcpuExit::Hlt)));
         let m2 = mem.clone();
         let vmm = std::thread::spawn(move || m2.write_obj(0x55u8, GuestAddress(0x5000)).is_ok());
