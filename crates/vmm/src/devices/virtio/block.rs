@@ -267,20 +267,8 @@ impl VirtioDevice for Block {
         true
     }
 
-    fn request_pause(&mut self) {
-        if let Some((_, ctl)) = &self.worker {
-            ctl.request_pause();
-        }
-    }
-
-    fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
-        self.worker.as_ref().map(|(_, ctl)| ctl.pause())
-    }
-
-    fn resume(&mut self) {
-        if let Some((_, ctl)) = &self.worker {
-            ctl.resume();
-        }
+    fn worker(&self) -> Option<&worker::WorkerCtl> {
+        self.worker.as_ref().map(|(_, ctl)| &**ctl)
     }
 }
 

@@ -95,16 +95,28 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         false
     }
+    /// The control of the device's worker thread, while it is active.
+    fn worker(&self) -> Option<&worker::WorkerCtl> {
+        None
+    }
     /// Asks the device's worker to park at its next wake-up, without
     /// waiting (a later [`VirtioDevice::pause`] waits for it).
-    fn request_pause(&mut self) {}
+    fn request_pause(&mut self) {
+        if let Some(ctl) = self.worker() {
+            ctl.request_pause();
+        }
+    }
     /// Parks the device's worker between requests and returns the state of
     /// the queues it owns (`None` if the device is not active).
     fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
-        None
+        self.worker().map(worker::WorkerCtl::pause)
     }
     /// Lets a paused worker continue.
-    fn resume(&mut self) {}
+    fn resume(&mut self) {
+        if let Some(ctl) = self.worker() {
+            ctl.resume();
+        }
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling past the end.

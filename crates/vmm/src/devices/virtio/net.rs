@@ -188,20 +188,8 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
-    fn request_pause(&mut self) {
-        if let Some((_, ctl)) = &self.worker {
-            ctl.request_pause();
-        }
-    }
-
-    fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
-        self.worker.as_ref().map(|(_, ctl)| ctl.pause())
-    }
-
-    fn resume(&mut self) {
-        if let Some((_, ctl)) = &self.worker {
-            ctl.resume();
-        }
+    fn worker(&self) -> Option<&worker::WorkerCtl> {
+        self.worker.as_ref().map(|(_, ctl)| &**ctl)
     }
 }
 
