@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{hex, splitmix64, splitmix_stream_sha};
+use common::{fill_splitmix, hex, splitmix_stream_sha};
 use remora_netlab::emu::LinkProfile;
 use remora_netlab::{RelayLan, Shaping};
 use sha2::{Digest, Sha256};
@@ -226,10 +226,7 @@ fn send_stream(mut s: &TcpStream, seed: u64, len: u64, progress: Option<&AtomicU
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        for c in buf[..n].chunks_exact_mut(8) {
-            c.copy_from_slice(&splitmix64(k).to_le_bytes());
-            k += 1;
-        }
+        fill_splitmix(&mut buf[..n], &mut k);
         s.write_all(&buf[..n])?;
         h.update(&buf[..n]);
         left -= n as u64;

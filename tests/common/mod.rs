@@ -365,6 +365,15 @@ pub fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Fills `buf` (a multiple of 8 bytes) with the splitmix64 stream from
+/// counter `*k` on, advancing it.
+pub fn fill_splitmix(buf: &mut [u8], k: &mut u64) {
+    for c in buf.chunks_exact_mut(8) {
+        c.copy_from_slice(&splitmix64(*k).to_le_bytes());
+        *k += 1;
+    }
+}
+
 /// Lower-case hex of a digest.
 pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -380,10 +389,7 @@ pub fn splitmix_stream_sha(first: u64, len: u64) -> String {
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        for c in buf[..n].chunks_exact_mut(8) {
-            c.copy_from_slice(&splitmix64(k).to_le_bytes());
-            k += 1;
-        }
+        fill_splitmix(&mut buf[..n], &mut k);
         h.update(&buf[..n]);
         left -= n as u64;
     }

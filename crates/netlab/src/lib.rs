@@ -277,7 +277,8 @@ impl VmLan {
 mod tests {
     use super::*;
 
-    fn exists(name: &str) -> bool {
+    /// Whether a network namespace of that name exists.
+    pub(crate) fn exists(name: &str) -> bool {
         String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
             .split_whitespace()
             .any(|n| n == name)

@@ -291,18 +291,13 @@ impl Netns {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::exists;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-
-    fn exists(name: &str) -> bool {
-        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
-            .split_whitespace()
-            .any(|n| n == name)
-    }
 
     /// Attaches to the persistent vnet_hdr TAP `name` of the calling
     /// thread's namespace.
