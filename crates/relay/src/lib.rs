@@ -236,7 +236,7 @@ impl Relay {
         let mut last = Report::default();
         while !stop.load(Ordering::Relaxed) {
             let now = self.now();
-            self.on_time(now);
+            let next_work = self.on_time(now);
             if now >= next_report {
                 let mut r = self.report();
                 let secs = (r.elapsed - last.elapsed).as_secs_f64().max(1e-9);
@@ -251,16 +251,9 @@ impl Relay {
                     next_report = now + second;
                 }
             }
-            let mut deadline = next_report.min(now + MAX_SLEEP);
-            if self.cfg.mode != Mode::Direct {
-                deadline = deadline.min(self.next_seal);
-                if let Some((at, _)) = self.commits.front() {
-                    deadline = deadline.min(*at);
-                }
-                if let Some(t) = self.engine.poll_timeout() {
-                    deadline = deadline.min(t);
-                }
-            }
+            let deadline = next_work
+                .map_or(next_report, |t| t.min(next_report))
+                .min(now + MAX_SLEEP);
             let (inner_ready, outer_ready) = self.wait(deadline.saturating_sub(now))?;
             // Outer first: ACKs from the peer free budget for the guest.
             if outer_ready {
@@ -273,10 +266,11 @@ impl Relay {
         Ok(self.report())
     }
 
-    /// Seals and commits due epochs and runs due engine timers.
-    fn on_time(&mut self, now: Duration) {
+    /// Seals and commits due epochs, runs due engine timers and writes the
+    /// output; returns when there is timed work next (none in direct mode).
+    fn on_time(&mut self, now: Duration) -> Option<Duration> {
         if self.cfg.mode == Mode::Direct {
-            return;
+            return None;
         }
         if now >= self.next_seal {
             let id = self.engine.seal_epoch(now);
@@ -294,10 +288,14 @@ impl Relay {
             self.commits.pop_front();
             self.engine.commit_epoch(now, id);
         }
-        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+        let mut timer = self.engine.poll_timeout();
+        if timer.is_some_and(|t| t <= now) {
             self.engine.handle_timeout(now);
+            timer = self.engine.poll_timeout();
         }
         self.flush();
+        let commit = self.commits.front().map(|&(at, _)| at);
+        [Some(self.next_seal), commit, timer].into_iter().flatten().min()
     }
 
     /// Waits until a TAP is readable or `timeout` passes.
@@ -337,10 +335,7 @@ impl Relay {
 
     /// Reads up to a batch of frames from one side and handles them.
     fn read_side(&mut self, side: Side) -> Result<(), RelayError> {
-        let fd = match side {
-            Side::Inner => self.inner.fd(),
-            Side::Outer => self.outer.fd(),
-        };
+        let fd = self.fd(side);
         for _ in 0..BATCH {
             // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes
             // owned by self for the call.
@@ -383,7 +378,7 @@ impl Relay {
                     Side::Outer => Side::Inner,
                 };
                 let (hdr, frame) = self.buf[..n].split_at(HDR_LEN);
-                let (tap, rep) = (self.tap(to), &mut self.report);
+                let (tap, rep) = (self.fd(to), &mut self.report);
                 count_write(rep, to, frame.len(), write_frame(tap, hdr, frame));
                 continue;
             }
@@ -416,7 +411,7 @@ impl Relay {
         Ok(())
     }
 
-    fn tap(&self, side: Side) -> RawFd {
+    fn fd(&self, side: Side) -> RawFd {
         match side {
             Side::Inner => self.inner.fd(),
             Side::Outer => self.outer.fd(),
@@ -432,7 +427,7 @@ impl Relay {
                 self.report.drops += 1;
                 continue;
             };
-            let res = write_frame(self.tap(t.to), &hdr.to_bytes(), &frame);
+            let res = write_frame(self.fd(t.to), &hdr.to_bytes(), &frame);
             count_write(&mut self.report, t.to, frame.len(), res);
         }
     }
