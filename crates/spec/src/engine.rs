@@ -1,21 +1,24 @@
 //! The engine: dispatch of frames to flows, the per-epoch output queue,
 //! timers and outputs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tracing::{debug, trace, warn};
 
+use crate::checkpoint::{EngineMark, FlowTable, NotState};
 use crate::flow::{AckInfo, Ctx, Flow, FlowKey, Phase};
 use crate::seq;
 use crate::wire::{self, flags, Parsed, Segment};
 use crate::{Checksum, Config, EpochId, Mode, Side, Stats, Transmit};
 
-/// An entry of an epoch's output queue.
-#[derive(Clone, Debug)]
-enum Item {
+/// An entry of an epoch's output queue. `R` holds a raw frame: its bytes in
+/// the engine, where they are in the data section in a checkpoint delta.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Item<R = Vec<u8>> {
     /// A frame held for output commit.
-    Raw(Vec<u8>),
+    Raw(R),
     /// A segment of a speculated flow: the stream reached `data_end`/`fin`
     /// and the guest's receive-side state was `ack`.
     Spec {
@@ -29,31 +32,60 @@ enum Item {
     Rst { key: FlowKey },
 }
 
+impl<R> Item<R> {
+    /// The same item with its raw frame (if any) converted by `f`.
+    pub(crate) fn map_raw<S>(&self, f: impl FnOnce(&R) -> S) -> Item<S> {
+        match self {
+            Item::Raw(r) => Item::Raw(f(r)),
+            Item::Spec {
+                key,
+                data_end,
+                fin,
+                ack,
+                pure,
+            } => Item::Spec {
+                key: *key,
+                data_end: *data_end,
+                fin: *fin,
+                ack: *ack,
+                pure: *pure,
+            },
+            Item::Rst { key } => Item::Rst { key: *key },
+        }
+    }
+}
+
 /// The speculative TCP engine. See the crate documentation.
 ///
-/// All state is plain data (`Clone`), so it can be checkpointed.
-#[derive(Clone, Debug)]
+/// All state is plain data (`Clone`), so it can be checkpointed: whole by
+/// cloning, or incrementally with [`Engine::checkpoint`] (see
+/// [`crate::EngineDelta`]). Two engines are equal (`==`) when all their state
+/// is, including the configuration and the frames waiting in
+/// [`Engine::poll_transmit`]; checkpoint bookkeeping is not compared.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Engine {
-    cfg: Config,
-    flows: HashMap<FlowKey, Flow>,
-    current: u64,
-    current_items: Vec<Item>,
-    sealed: VecDeque<(u64, Vec<Item>)>,
-    out: VecDeque<Transmit>,
-    global_reserved: u64,
-    global_held: u64,
+    pub(crate) cfg: Config,
+    pub(crate) flows: FlowTable,
+    pub(crate) current: u64,
+    pub(crate) current_items: Vec<Item>,
+    pub(crate) sealed: VecDeque<(u64, Vec<Item>)>,
+    pub(crate) out: VecDeque<Transmit>,
+    pub(crate) global_reserved: u64,
+    pub(crate) global_held: u64,
     /// Some flow's window was limited by the global cap.
-    global_blocked: bool,
-    spec_flows: usize,
-    buffered_bytes: u64,
-    stats: Stats,
+    pub(crate) global_blocked: bool,
+    pub(crate) spec_flows: usize,
+    pub(crate) buffered_bytes: u64,
+    pub(crate) stats: Stats,
+    /// Where the next checkpoint starts from (not state).
+    pub(crate) ckpt: NotState<EngineMark>,
 }
 
 impl Engine {
     pub fn new(cfg: Config) -> Self {
         Engine {
             cfg,
-            flows: HashMap::new(),
+            flows: FlowTable::default(),
             current: 0,
             current_items: Vec::new(),
             sealed: VecDeque::new(),
@@ -64,6 +96,7 @@ impl Engine {
             spec_flows: 0,
             buffered_bytes: 0,
             stats: Stats::default(),
+            ckpt: NotState::default(),
         }
     }
 
@@ -128,7 +161,7 @@ impl Engine {
                 .all(|f| f.phase != Phase::Established || (f.buf.is_empty() && f.snd_una == f.snd_max))
     }
 
-    fn ctx(&mut self) -> (Ctx<'_>, &mut HashMap<FlowKey, Flow>) {
+    fn ctx(&mut self) -> (Ctx<'_>, &mut FlowTable) {
         (
             Ctx {
                 cfg: &self.cfg,
@@ -525,10 +558,8 @@ impl Engine {
         }
         self.global_blocked = false;
         let (mut ctx, flows) = self.ctx();
-        for f in flows.values_mut() {
-            if f.window_blocked {
-                f.maybe_window_update(&mut ctx);
-            }
+        for f in flows.values_mut_where(|f| f.window_blocked) {
+            f.maybe_window_update(&mut ctx);
         }
     }
 
@@ -633,7 +664,7 @@ impl Engine {
     /// data than the snapshot knows; the peer's ACKs of it are accepted).
     pub fn resume_after_failover(&mut self, now: Duration) {
         let (mut ctx, flows) = self.ctx();
-        for f in flows.values_mut() {
+        for f in flows.values_mut_where(|_| true) {
             f.resume_after_failover(&mut ctx, now);
         }
     }

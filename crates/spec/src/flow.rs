@@ -5,12 +5,15 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{FlowMark, NotState};
 use crate::seq;
 use crate::wire::{self, flags, IpAddr, Net, Segment, MAX_SACK};
 use crate::{Config, Side, Stats, Transmit};
 
 /// Identifies a flow by its guest and peer endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FlowKey {
     pub guest_ip: IpAddr,
     pub guest_port: u16,
@@ -39,7 +42,7 @@ impl FlowKey {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Phase {
     /// SYN seen; frames pass under output commit.
     Handshake,
@@ -52,7 +55,7 @@ pub(crate) enum Phase {
 }
 
 /// What a SYN told us about its sender.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct SynInfo {
     pub isn: u32,
     pub mss: Option<u16>,
@@ -77,7 +80,7 @@ impl SynInfo {
 
 /// The guest's acknowledgement state from one of its segments (its receive
 /// side), released to the peer only when that segment's epoch commits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AckInfo {
     pub ack: u32,
     pub window: u16,
@@ -110,7 +113,7 @@ fn cubic_reduce(flight: u32, mss: u32) -> u32 {
 }
 
 /// CUBIC congestion avoidance (RFC 9438), in bytes and `Duration`s.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Cubic {
     /// Window (bytes) just before the last congestion event.
     w_max: u32,
@@ -174,7 +177,7 @@ impl Cubic {
 /// Retransmissions remembered per fast recovery.
 const RETX_LOG_MAX: usize = 4096;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Recovery {
     /// snd_max when recovery started; recovery ends when it is acknowledged.
     pub point: u32,
@@ -194,7 +197,10 @@ pub(crate) struct Ctx<'a> {
     pub spec_flows: &'a mut usize,
 }
 
-#[derive(Clone, Debug)]
+/// A tracked flow. Everything but `buf` and `mark` is its metadata, sent
+/// whole in a checkpoint delta when the flow changed; `buf` goes as the bytes
+/// appended since the previous delta (see `checkpoint`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Flow {
     pub key: FlowKey,
     pub phase: Phase,
@@ -221,6 +227,7 @@ pub(crate) struct Flow {
     pub peer_mss: u16,
 
     // The held guest->peer stream: bytes [snd_una, data_end) are in `buf`.
+    #[serde(skip)]
     pub buf: VecDeque<u8>,
     pub data_end: u32,
     pub fin: bool,
@@ -292,6 +299,9 @@ pub(crate) struct Flow {
     pub rst_pending: bool,
     /// In the touched list of a commit being processed.
     pub touched: bool,
+    /// Checkpoint bookkeeping (not state: ignored by `==`, not serialised).
+    #[serde(skip)]
+    pub mark: NotState<FlowMark>,
 }
 
 impl Flow {
@@ -365,6 +375,7 @@ impl Flow {
             linger: Some(now + cfg.handshake_timeout),
             rst_pending: false,
             touched: false,
+            mark: NotState::default(),
         }
     }
 
@@ -738,6 +749,7 @@ impl Flow {
                 let room = seq::dist(self.data_end, self.adv_edge) as usize;
                 let take = (seg.payload.len() - skip).min(room);
                 self.buf.extend(&seg.payload[skip..skip + take]);
+                self.mark.0.pushed += take as u64;
                 *ctx.global_held += take as u64;
                 self.data_end = self.data_end.wrapping_add(take as u32);
                 if seg.has(flags::FIN) && skip + take == seg.payload.len() {

@@ -26,19 +26,29 @@
 //! failover, a snapshot of the engine taken at `seal_epoch` is resumed with
 //! [`Engine::resume_after_failover`]. The crate's README.md describes the
 //! design in detail and what a driver (the relay, the VMM) must do.
+//!
+//! Replication: [`Engine::checkpoint`] (right after `seal_epoch`, inside the
+//! pause) returns an [`EngineDelta`] (a full base, then per-epoch deltas:
+//! engine fields, new sealed epochs, changed flows' metadata and the bytes
+//! appended to their held streams); [`EngineDelta::encode`] /
+//! [`EngineDelta::decode`] move it over the wire and an [`EngineReplica`] on
+//! the backup applies it and rebuilds the engine on failover.
 
+mod checkpoint;
 mod engine;
 mod flow;
 mod seq;
 pub mod wire;
 
+pub use checkpoint::{DeltaError, EngineDelta, EngineReplica};
 pub use engine::Engine;
 pub use flow::FlowKey;
 
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Forwarding mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
     /// Forward both ways at once.
     Direct,
@@ -87,11 +97,11 @@ pub enum Checksum {
 }
 
 /// Identifier of an epoch (monotonically increasing from 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct EpochId(pub u64);
 
 /// Engine configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     pub mode: Mode,
     /// Bytes a speculative flow may hold (accepted from the guest and not yet
@@ -164,7 +174,7 @@ impl Default for Config {
 }
 
 /// Counters and gauges.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// Tracked flows (any phase).
     pub flows: usize,

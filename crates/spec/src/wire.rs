@@ -32,7 +32,7 @@ pub mod flags {
 pub const MAX_SACK: usize = 4;
 
 /// IP-layer fields of a TCP segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Net {
     V4 {
         src: [u8; 4],
@@ -95,7 +95,7 @@ impl Net {
 }
 
 /// A compact IP address (plain bytes, cheap to hash and copy).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum IpAddr {
     V4([u8; 4]),
     V6([u8; 16]),

@@ -5,8 +5,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use proptest::prelude::*;
+
 use remora_spec::wire::{self, flags, Build, Net, Parsed};
-use remora_spec::{Config, Engine, Mode, Side};
+use remora_spec::{Config, Engine, EngineDelta, EngineReplica, EpochId, Mode, Side};
 
 /// xorshift64* — deterministic randomness from a proptest-chosen seed.
 #[derive(Clone, Debug)]
@@ -614,6 +616,102 @@ pub struct Sim {
     /// Percent of frames lost between the guest and the engine (both ways;
     /// e.g. a full virtio ring).
     pub inner_loss: u32,
+    /// Checkpoint deltas taken at every seal and applied to a replica.
+    pub replication: Option<Replication>,
+}
+
+/// A backup fed with the engine's checkpoint deltas (encoded and decoded)
+/// at every seal, checked against the primary's state.
+#[derive(Debug)]
+pub struct Replication {
+    pub replica: EngineReplica,
+    /// Compare `replica.to_engine()` with the primary after every apply.
+    pub verify: bool,
+    /// After applying the checkpoint of this epoch, apply no more (the
+    /// primary dies before the next checkpoint is complete on the backup);
+    /// the guest's state at that checkpoint is kept in `guest_at`.
+    pub freeze_at: Option<EpochId>,
+    pub frozen: bool,
+    pub guest_at: Option<Tcp>,
+    pub errors: Vec<String>,
+    pub checkpoints: u64,
+    pub encoded_bytes: u64,
+}
+
+impl Replication {
+    pub fn new(verify: bool) -> Self {
+        Replication {
+            replica: EngineReplica::new(),
+            verify,
+            freeze_at: None,
+            frozen: false,
+            guest_at: None,
+            errors: Vec::new(),
+            checkpoints: 0,
+            encoded_bytes: 0,
+        }
+    }
+
+    /// Right after `seal_epoch` returned `id` (the VM is paused).
+    pub fn on_seal(&mut self, engine: &mut Engine, guest: &Tcp, id: EpochId, now: u64) {
+        let d = engine.checkpoint();
+        let bytes = d.encode();
+        self.checkpoints += 1;
+        self.encoded_bytes += bytes.len() as u64;
+        if self.frozen {
+            return;
+        }
+        let d = match EngineDelta::decode(&bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                self.errors.push(format!("t={now} decode: {e}"));
+                return;
+            }
+        };
+        if let Err(e) = self.replica.apply(&d) {
+            self.errors.push(format!("t={now} apply: {e}"));
+            return;
+        }
+        if self.replica.epoch() != Some(id) {
+            self.errors
+                .push(format!("t={now} replica epoch {:?} != {id:?}", self.replica.epoch()));
+        }
+        if self.verify {
+            // Frames waiting in the output queue are not replicated.
+            let drained;
+            let primary: &Engine = if engine.pending_transmits() > 0 {
+                let mut e = engine.clone();
+                while e.poll_transmit().is_some() {}
+                drained = e;
+                &drained
+            } else {
+                engine
+            };
+            if let Some(diff) = engine_diff(&self.replica.to_engine(primary.config().clone()), primary) {
+                self.errors
+                    .push(format!("t={now} epoch {id:?}: replica differs: {diff}"));
+            }
+        }
+        if self.freeze_at == Some(id) {
+            self.frozen = true;
+            self.guest_at = Some(guest.clone());
+        }
+    }
+}
+
+/// `None` if the engines are equal, else where their `Debug` forms differ.
+pub fn engine_diff(a: &Engine, b: &Engine) -> Option<String> {
+    if a == b {
+        return None;
+    }
+    let (da, db) = (format!("{a:#?}"), format!("{b:#?}"));
+    let line = da
+        .lines()
+        .zip(db.lines())
+        .enumerate()
+        .find(|(_, (x, y))| x != y)
+        .map(|(i, (x, y))| format!("line {i}: {x} | {y}"));
+    Some(line.unwrap_or_else(|| format!("lengths {} {}", da.len(), db.len())))
 }
 
 pub fn v4(src: [u8; 4], dst: [u8; 4]) -> Net {
@@ -701,6 +799,7 @@ impl Sim {
             committed_mark: None,
             commit_violations: Vec::new(),
             inner_loss: 0,
+            replication: None,
         }
     }
 
@@ -795,6 +894,9 @@ impl Sim {
         // Epochs.
         if now >= self.next_seal {
             let id = self.engine.seal_epoch(t);
+            if let Some(r) = self.replication.as_mut() {
+                r.on_seal(&mut self.engine, &self.guest, id, now);
+            }
             let (mut a, mut b) = (self.guest.snd_nxt, self.guest.rcv_nxt);
             if let Some(&(_, pa, pb)) = self.seal_marks.back() {
                 a = if lt(a, pa) { pa } else { a };
@@ -836,4 +938,128 @@ impl Sim {
 pub fn data(n: usize, seed: u64) -> Vec<u8> {
     let mut r = Rng::new(seed ^ 0xabcdef);
     (0..n).map(|_| r.next() as u8).collect()
+}
+
+// ---------------------------------------------------------------------------
+// One end-to-end scenario (guest -> engine -> lossy link -> peer) and its checks.
+
+pub fn opts(ws: Option<u8>, sack: bool, ts: bool) -> Opts {
+    Opts {
+        mss: 1460,
+        ws,
+        sack,
+        ts,
+    }
+}
+
+/// Parameters of one guest -> peer scenario (see [`run`] and [`check`]).
+pub struct Params {
+    pub mode: Mode,
+    pub ipv6: bool,
+    pub ws: bool,
+    pub sack: bool,
+    pub ts: bool,
+    pub seed: u64,
+    pub loss: u32,
+    pub dup: u32,
+    pub jitter: u64,
+    pub epoch_ms: u64,
+    pub commit_delay: u64,
+    pub len: usize,
+    pub budget: usize,
+    pub reverse: usize,
+    /// Let the engine build TSO frames toward the peer.
+    pub tso: bool,
+}
+
+/// Builds the scenario: the guest connects to the listening peer.
+pub fn run(p: &Params) -> Sim {
+    let ws = p.ws.then_some(7);
+    let mut sim = Sim::new(
+        p.mode,
+        p.budget,
+        p.ipv6,
+        opts(ws, p.sack, p.ts),
+        opts(if p.ws { Some(2) } else { None }, p.sack, p.ts),
+        p.seed,
+        p.loss,
+        p.dup,
+        p.jitter,
+    );
+    if p.tso {
+        let cfg = remora_spec::Config {
+            tso_max: 64_000,
+            ..sim.engine.config().clone()
+        };
+        sim.engine = remora_spec::Engine::new(cfg);
+    }
+    sim.epoch_ms = p.epoch_ms;
+    sim.commit_delay = p.commit_delay;
+    sim.next_seal = p.epoch_ms;
+    // The peer's SYN-ACK window must not exceed the budget for the
+    // "held <= budget + one segment" property.
+    sim.peer.rcv_buf = 256 * 1024;
+    sim.guest.data = data(p.len, p.seed);
+    sim.guest.fin_wanted = true;
+    sim.peer.data = data(p.reverse, p.seed + 1);
+    sim.peer.reply_fin_on_fin = true;
+    sim.peer.listen();
+    sim.guest.connect(0);
+    sim
+}
+
+/// Runs the scenario to its end and checks both streams, the model
+/// endpoints' violations, output commit, the memory bound and the cleanup.
+pub fn check(p: &Params, sim: &mut Sim) -> Result<(), TestCaseError> {
+    let done = sim.run_until(1_000_000, |s| {
+        s.guest.all_acked() && s.peer.all_acked() && s.peer.fin_rcvd && s.guest.fin_rcvd && s.engine.is_idle()
+    });
+    let v: Vec<String> = sim
+        .guest
+        .violations
+        .iter()
+        .chain(sim.peer.violations.iter())
+        .chain(sim.commit_violations.iter())
+        .cloned()
+        .collect();
+    prop_assert!(v.is_empty(), "violations: {:?}", v);
+    prop_assert!(
+        done,
+        "not done: guest acked {} peer acked {} fins {} {} idle {} peer {:?} guest {:?} peer got {}/{} guest got {}/{} stats {:?}",
+        sim.guest.all_acked(),
+        sim.peer.all_acked(),
+        sim.peer.fin_rcvd,
+        sim.guest.fin_rcvd,
+        sim.engine.is_idle(),
+        (sim.peer.st, sim.peer.snd_una, sim.peer.snd_nxt, sim.peer.fin_wanted),
+        (sim.guest.st, sim.guest.snd_una, sim.guest.snd_nxt, sim.guest.rcv_nxt),
+        sim.peer.received.len(),
+        p.len,
+        sim.guest.received.len(),
+        p.reverse,
+        sim.engine.stats()
+    );
+    prop_assert!(sim.peer.received == sim.guest.data, "peer stream differs");
+    prop_assert!(sim.guest.received == sim.peer.data, "guest stream differs");
+    if p.mode == Mode::Speculative {
+        prop_assert!(
+            sim.max_held <= p.budget + 1460,
+            "held {} > budget {}",
+            sim.max_held,
+            p.budget
+        );
+    }
+    // Everything acknowledged: no retransmission left, and once the closed
+    // flow's linger passes, no timers at all.
+    let stats = sim.engine.stats();
+    prop_assert_eq!(stats.bytes_held, 0);
+    sim.to_peer.enabled = false;
+    sim.to_engine.enabled = false;
+    let end = sim.now + 20_000;
+    sim.run_until(end, |_| false);
+    prop_assert_eq!(sim.engine.poll_timeout(), None);
+    let stats = sim.engine.stats();
+    prop_assert_eq!(stats.flows, 0, "{:?}", stats);
+    prop_assert_eq!(stats.bytes_reserved, 0);
+    Ok(())
 }
