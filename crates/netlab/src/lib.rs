@@ -4,17 +4,35 @@
 //! Every namespace gets a unique name (`rm<tag><pid><counter>`, short
 //! enough for interface names too), and everything is removed when its
 //! owner is dropped — also while a failing test unwinds. Links can be
-//! shaped: rate and bottleneck queue with `tbf`, random loss with a BPF
-//! egress filter compiled by clang-14 (this host has no netem).
+//! shaped: rate and bottleneck queue with `tbf`, random loss or a total
+//! cut with a classic BPF filter on clsact egress (this host has neither
+//! netem nor clang), delay, jitter, reordering and duplication with the
+//! userspace link emulator ([`emu`]).
+//!
+//! Topologies: [`VmLan`] (a client and one VM host on a bridge),
+//! [`RelayLan`] (the relay between two TAPs, optionally behind a shaped
+//! WAN) and [`HaLan`], the replication topology: a client, a primary and
+//! a backup host on one LAN switch, each host with its guest TAP on a
+//! local bridge, and a replication link between the hosts that tests can
+//! cut (per direction) and shape. [`HaLan::capture_lan`] records every
+//! frame entering the LAN switch with the host it came from, to check
+//! which host emitted the guest's frames and that no uncommitted output
+//! escaped. [`CorruptProxy`] is a TCP proxy flipping exactly one byte of
+//! a stream at a chosen offset, to prove corruption is detected.
 
+pub mod capture;
 pub mod emu;
+pub mod ha;
+pub mod proxy;
 pub mod relay;
 
+pub use capture::{CapturedFrame, LanCapture, LanPort, TcpSummary};
+pub use ha::{Direction, HaLan, BACKUP_REPL_IP, HA_TAP, PRIMARY_REPL_IP, REPL_DEV};
+pub use proxy::CorruptProxy;
 pub use relay::{
     set_tcp_congestion, tcp_congestion, RelayLan, Shaping, INNER_TAP, OUTER_TAP, RELAY_CLIENT_IP, RELAY_SERVER_IP,
 };
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -145,10 +163,41 @@ impl Netns {
     }
 
     /// Drops each packet leaving `dev` with probability `percent` / 100,
-    /// with a BPF filter on clsact egress.
+    /// with a classic BPF filter on clsact egress (replacing an earlier
+    /// `random_loss` on `dev`).
     pub fn random_loss(&self, dev: &str, percent: f64) -> Result<()> {
-        let obj = loss_filter(percent)?;
-        let obj = obj.to_string_lossy().into_owned();
+        self.egress_filter(dev, LOSS_PREF, &loss_program(percent))
+    }
+
+    /// Drops every packet leaving `dev` (a BPF egress filter evaluated
+    /// before [`Netns::random_loss`]'s) until [`Netns::heal_egress`]. The
+    /// link stays up: no route changes, no carrier loss, no RST; the
+    /// peers just stop hearing each other. Packets already queued in a
+    /// root qdisc (`tbf`) still leave.
+    pub fn cut_egress(&self, dev: &str) -> Result<()> {
+        self.egress_filter(dev, CUT_PREF, &cbpf(&[(BPF_RET_K, 0, 0, TC_ACT_SHOT)]))
+    }
+
+    /// Removes [`Netns::cut_egress`]'s filter from `dev`, if there is one.
+    pub fn heal_egress(&self, dev: &str) -> Result<()> {
+        let pref = CUT_PREF.to_string();
+        let show = Command::new("tc")
+            .args(["-n", &self.name, "filter", "show", "dev", dev, "egress", "pref", &pref])
+            .output();
+        match show {
+            Ok(o) if o.status.success() && !o.stdout.is_empty() => {
+                run(Command::new("tc").args(["-n", &self.name, "filter", "del", "dev", dev, "egress", "pref", &pref]))?;
+                Ok(())
+            }
+            // No clsact qdisc or no such filter: nothing is cut.
+            _ => Ok(()),
+        }
+    }
+
+    /// Installs (or replaces) the direct-action classic BPF program `prog`
+    /// (`tc` bytecode syntax) at priority `pref` on `dev`'s clsact egress.
+    fn egress_filter(&self, dev: &str, pref: u32, prog: &str) -> Result<()> {
+        let pref = pref.to_string();
         run(Command::new("tc").args(["-n", &self.name, "qdisc", "replace", "dev", dev, "clsact"]))?;
         run(Command::new("tc").args([
             "-n",
@@ -158,15 +207,59 @@ impl Netns {
             "dev",
             dev,
             "egress",
+            "pref",
+            &pref,
+            "handle",
+            "1",
             "bpf",
             "direct-action",
-            "obj",
-            &obj,
-            "sec",
-            "tc",
+            "bytecode",
+            prog,
         ]))?;
         Ok(())
     }
+}
+
+/// clsact egress priority of [`Netns::cut_egress`]'s filter (runs first).
+const CUT_PREF: u32 = 1;
+/// clsact egress priority of [`Netns::random_loss`]'s filter.
+const LOSS_PREF: u32 = 49152;
+
+// Classic BPF, as cls_bpf runs it in direct-action mode: the program's
+// return value is the TC action. No compiler needed (this host has no
+// clang), and SKF_AD_RANDOM gives a per-packet random number.
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JGE_K: u16 = 0x35;
+const BPF_RET_K: u16 = 0x06;
+const SKF_AD_RANDOM: u32 = 0xffff_f000 + 56;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+/// `tc ... bpf bytecode` text of a classic BPF program.
+fn cbpf(insns: &[(u16, u8, u8, u32)]) -> String {
+    let mut s = format!("{},", insns.len());
+    for (code, jt, jf, k) in insns {
+        s.push_str(&format!("{code} {jt} {jf} {k},"));
+    }
+    s
+}
+
+/// The program dropping each packet with probability `percent` / 100.
+fn loss_program(percent: f64) -> String {
+    let thresh = (percent / 100.0 * 4_294_967_296.0).round();
+    if thresh >= 4_294_967_296.0 {
+        return cbpf(&[(BPF_RET_K, 0, 0, TC_ACT_SHOT)]);
+    }
+    if thresh <= 0.0 || thresh.is_nan() {
+        return cbpf(&[(BPF_RET_K, 0, 0, TC_ACT_OK)]);
+    }
+    // A = random u32; drop iff A < thresh.
+    cbpf(&[
+        (BPF_LD_W_ABS, 0, 0, SKF_AD_RANDOM),
+        (BPF_JGE_K, 1, 0, thresh as u32),
+        (BPF_RET_K, 0, 0, TC_ACT_SHOT),
+        (BPF_RET_K, 0, 0, TC_ACT_OK),
+    ])
 }
 
 impl Drop for Netns {
@@ -193,44 +286,6 @@ fn enter_netns(file: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Compiles (once per loss rate) the BPF program dropping `percent` % of
-/// packets; returns the object's path.
-fn loss_filter(percent: f64) -> Result<PathBuf> {
-    let thresh = ((percent / 100.0) * f64::from(u32::MAX)).clamp(0.0, f64::from(u32::MAX)) as u64;
-    let dir = std::env::temp_dir().join(format!("remora-netlab-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| NetlabError::Spawn {
-        cmd: "mkdir".into(),
-        source,
-    })?;
-    let obj = dir.join(format!("loss-{thresh}.o"));
-    if obj.exists() {
-        return Ok(obj);
-    }
-    let src = dir.join(format!("loss-{thresh}.c"));
-    let code = format!(
-        "#include <linux/bpf.h>\n#include <linux/pkt_cls.h>\n\
-         static unsigned int (*bpf_get_prandom_u32)(void) = (void *)BPF_FUNC_get_prandom_u32;\n\
-         __attribute__((section(\"tc\"), used)) int drop_random(struct __sk_buff *skb) {{\n\
-         \treturn (unsigned long long)bpf_get_prandom_u32() < {thresh}ULL ? TC_ACT_SHOT : TC_ACT_OK;\n}}\n\
-         char _license[] __attribute__((section(\"license\"), used)) = \"GPL\";\n"
-    );
-    std::fs::write(&src, code).map_err(|source| NetlabError::Spawn {
-        cmd: "write BPF source".into(),
-        source,
-    })?;
-    let tmp = dir.join(format!("loss-{thresh}.o.tmp"));
-    run(Command::new("clang-14")
-        .args(["-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&tmp))?;
-    std::fs::rename(&tmp, &obj).map_err(|source| NetlabError::Spawn {
-        cmd: "rename BPF object".into(),
-        source,
-    })?;
-    Ok(obj)
-}
-
 /// The LAN a VM sits on: a `client` namespace whose `eth0` (10.0.0.1/24)
 /// is a veth into a bridge `br0` in a `host` namespace; the VM's TAP
 /// (persistent, with vnet headers, named `tap0`) is on the same bridge.
@@ -242,7 +297,9 @@ pub struct VmLan {
     pub tap: String,
 }
 
+/// The client's address on the guest's LAN ([`VmLan`], [`HaLan`]).
 pub const CLIENT_IP: &str = "10.0.0.1";
+/// The guest's address on its LAN ([`VmLan`], [`HaLan`]).
 pub const GUEST_IP: &str = "10.0.0.2";
 
 impl VmLan {
@@ -282,6 +339,27 @@ mod tests {
         String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
             .split_whitespace()
             .any(|n| n == name)
+    }
+
+    /// Attaches to the persistent vnet_hdr TAP `name` of the calling
+    /// thread's namespace.
+    pub(crate) fn open_tap(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        const IFF_TAP: libc::c_short = 0x0002;
+        const IFF_NO_PI: libc::c_short = 0x1000;
+        const IFF_VNET_HDR: libc::c_short = 0x4000;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads/writes a 40-byte struct ifreq, which `ifr` is.
+        if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(f.into())
     }
 
     /// Two namespaces joined by a veth pair.

@@ -291,34 +291,13 @@ impl Netns {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::exists;
+    use crate::tests::{exists, open_tap};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-
-    /// Attaches to the persistent vnet_hdr TAP `name` of the calling
-    /// thread's namespace.
-    fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
-        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-        const IFF_TAP: libc::c_short = 0x0002;
-        const IFF_NO_PI: libc::c_short = 0x1000;
-        const IFF_VNET_HDR: libc::c_short = 0x4000;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        let mut ifr = [0u8; 40];
-        ifr[..name.len()].copy_from_slice(name.as_bytes());
-        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
-        // SAFETY: TUNSETIFF reads/writes a 40-byte struct ifreq, which `ifr` is.
-        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(f.into())
-    }
 
     /// A stand-in for `remora relay --mode direct`: copies frames (with
     /// their vnet headers) between the two TAPs until dropped.
