@@ -14,7 +14,7 @@
 //! output written with `writev`. The TAPs offer checksum and TSO offloads,
 //! so frames of up to 64 KiB cross in one system call ([`vnet`]).
 
-pub mod vnet;
+pub use remora_vmm::devices::vnet;
 
 use std::collections::VecDeque;
 use std::fmt;

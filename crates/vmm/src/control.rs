@@ -4,7 +4,10 @@
 //! status                        -> ok running vcpus=2 snapshots=3
 //! pause | resume                -> ok paused | ok running
 //! snapshot DIR base|incremental -> ok seq=3 pages=812 pause_us=640 bytes=3330048 ...
+//! protect ADDR:PORT             -> ok protecting to ADDR:PORT (replication starts; see status)
 //! ```
+//! With replication, `status` goes on with the driver's `key=value` pairs
+//! (protected, epoch, pauses, lag, output held, backup).
 //! A snapshot's reply goes on with where the pause went (microseconds):
 //! `kick_us` (stopping the vCPUs), `state_us` (vCPU/VM/device state),
 //! `harvest_us` (dirty logs), `protect_us` (write-protecting pages left for
@@ -28,7 +31,14 @@ pub enum Command {
     Status,
     Pause,
     Resume,
-    Snapshot { dir: PathBuf, incremental: bool },
+    Snapshot {
+        dir: PathBuf,
+        incremental: bool,
+    },
+    /// Start replicating to the backup at this address.
+    Protect {
+        addr: String,
+    },
 }
 
 impl Command {
@@ -42,6 +52,7 @@ impl Command {
                 dir: PathBuf::from(dir),
                 incremental: *kind == "incremental",
             }),
+            ["protect", addr] => Ok(Command::Protect { addr: addr.to_string() }),
             _ => Err(format!("unknown request '{}'", line.trim())),
         }
     }
@@ -51,6 +62,7 @@ impl Command {
             Command::Status => "status".into(),
             Command::Pause => "pause".into(),
             Command::Resume => "resume".into(),
+            Command::Protect { addr } => format!("protect {addr}"),
             Command::Snapshot { dir, incremental } => format!(
                 "snapshot {} {}",
                 dir.display(),

@@ -6,6 +6,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod checkpoint;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
@@ -57,6 +58,10 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces on TAPs, in order.
     pub nets: Vec<NetConfig>,
+    /// Output commit for the nets (the engine between each device and its
+    /// TAP), for a VM that is or will be protected; `None`: frames go
+    /// straight to the TAP.
+    pub output: Option<remora_spec::Config>,
 }
 
 pub use devices::virtio::net::NetConfig;
@@ -104,6 +109,8 @@ pub enum VmEvent {
     Stop(String),
     /// A control-socket request and where to send the reply.
     Control(control::Command, Sender<control::Reply>),
+    /// A request of the replication driver and where to send the reply.
+    Repl(checkpoint::ReplRequest, Sender<Result<checkpoint::ReplReply, String>>),
 }
 
 /// How a VM run ended.
@@ -199,6 +206,14 @@ pub struct Vmm {
     pause_copy: Option<Duration>,
     /// Number of the next snapshot in `snapshot_dir`, if known.
     next_seq: Option<u32>,
+    /// What replication needs of the devices.
+    repl: checkpoint::ReplDevices,
+    /// The replication driver's part of `protect` and `status`.
+    repl_hook: Option<Box<dyn checkpoint::ReplHook>>,
+    /// MSRs saved with each vCPU (asked of KVM once).
+    msrs: Option<Vec<u32>>,
+    /// Dirty pages of a checkpoint that failed, for the next one.
+    carry: Vec<u64>,
 }
 
 /// Merge dirty pages at most this many clean pages apart into one
@@ -234,6 +249,29 @@ struct PauseParts {
     runs: usize,
 }
 
+/// The devices and host resources of a VM rebuilt by [`Vmm::restore_from`].
+pub struct RestoreDevices {
+    pub kvm_path: PathBuf,
+    pub console: Box<dyn Write + Send>,
+    /// As given to `remora run` (same kinds, same order).
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    /// Output commit for the nets (see [`VmConfig::output`]).
+    pub output: Option<remora_spec::Config>,
+    /// Engines restored from a checkpoint, by net device (they announce
+    /// the guest's MAC when the device starts).
+    pub engines: Vec<Option<RestoredEngine>>,
+    /// Disk ids to present instead of those derived from the file names
+    /// (a backup presents the primary's).
+    pub disk_ids: Vec<[u8; devices::virtio::block::ID_LEN]>,
+}
+
+/// An engine rebuilt from a checkpoint, and its clock at that checkpoint.
+pub struct RestoredEngine {
+    pub engine: remora_spec::Engine,
+    pub now: Duration,
+}
+
 /// How to resume a snapshot.
 pub struct RestoreConfig {
     pub snapshot: PathBuf,
@@ -246,21 +284,59 @@ pub struct RestoreConfig {
 }
 
 /// Opens the virtio devices: nets first, then disks, in command-line order.
+/// With `output`, every net device gets the speculative engine between
+/// it and its TAP (`engines[i]`, restored from a checkpoint, or a fresh
+/// one), in auto-commit mode until a backup protects the VM.
 fn open_virtio(
     nets: &[NetConfig],
     disks: &[DiskConfig],
-) -> Result<Vec<Box<dyn devices::virtio::VirtioDevice>>, VmError> {
+    output: Option<&remora_spec::Config>,
+    mut engines: Vec<Option<RestoredEngine>>,
+    disk_ids: &[[u8; devices::virtio::block::ID_LEN]],
+) -> Result<(Vec<Box<dyn devices::virtio::VirtioDevice>>, checkpoint::ReplDevices), VmError> {
+    use devices::virtio::net::{Net, OutputSetup};
     let mut virtio: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
-    for n in nets {
-        virtio.push(Box::new(devices::virtio::net::Net::open(n)?));
+    let mut repl = checkpoint::ReplDevices::default();
+    engines.resize_with(nets.len(), || None);
+    for (n, restored) in nets.iter().zip(engines) {
+        let mut net = Net::open(n)?;
+        match (restored, output) {
+            (Some(r), _) => net.set_output_commit(OutputSetup {
+                engine: r.engine,
+                now: r.now,
+                announce: true,
+            }),
+            (None, Some(cfg)) => net.set_output_commit(OutputSetup {
+                engine: remora_spec::Engine::new(cfg.clone()),
+                now: Duration::ZERO,
+                announce: false,
+            }),
+            (None, None) => {}
+        }
+        repl.nets.push(checkpoint::NetDevice {
+            mac: n.mac,
+            commit: net.output_commit(),
+        });
+        virtio.push(Box::new(net));
     }
-    for d in disks {
-        virtio.push(Box::new(devices::virtio::block::Block::open(&d.path, d.read_only)?));
+    for (i, d) in disks.iter().enumerate() {
+        let mut blk = devices::virtio::block::Block::open(&d.path, d.read_only)?;
+        if let Some(id) = disk_ids.get(i) {
+            blk.set_id(*id);
+        }
+        repl.disks.push(checkpoint::DiskDevice {
+            path: d.path.clone(),
+            size_bytes: blk.size_bytes(),
+            read_only: blk.read_only(),
+            id: blk.id(),
+            log: blk.write_log(),
+        });
+        virtio.push(Box::new(blk));
     }
     if virtio.len() > layout::MAX_VIRTIO_DEVICES {
         return Err(VmError::TooManyDevices(virtio.len()));
     }
-    Ok(virtio)
+    Ok((virtio, repl))
 }
 
 /// The MMIO windows and interrupts of `n` virtio devices.
@@ -388,7 +464,7 @@ impl Vmm {
 
         // Devices are opened before anything else touches the guest, so a
         // bad --disk or --net is reported before boot.
-        let virtio = open_virtio(&config.nets, &config.disks)?;
+        let (virtio, repl) = open_virtio(&config.nets, &config.disks, config.output.as_ref(), Vec::new(), &[])?;
         let windows = virtio_windows(virtio.len());
         let rsdp = acpi::create_acpi_tables(&mem, nvcpus, &windows)?;
         let entry = boot::load_kernel(
@@ -421,14 +497,16 @@ impl Vmm {
             vcpus.push(Arc::new(Mutex::new(v.fd)));
         }
         tracing::info!(vcpus = nvcpus, mem_mib = config.mem_mib, mode = ?entry.mode, entry = entry.entry_addr, "VM built");
-        Ok(Vmm::assemble(
+        let mut vmm = Vmm::assemble(
             kvm,
             vm,
             (mem, config.mem_mib),
             vcpus,
             (bus, mmio, serial),
             (events_tx, events_rx),
-        ))
+        );
+        vmm.repl = repl;
+        Ok(vmm)
     }
 
     /// Rebuilds a VM from the snapshot chain in `cfg.snapshot` (the base and
@@ -436,6 +514,31 @@ impl Vmm {
     pub fn restore(cfg: RestoreConfig) -> Result<Vmm, VmError> {
         let dir = &cfg.snapshot;
         let (state, count) = snapshot::latest(dir)?;
+        let mem = memory::create_guest_memory(state.mem_mib)?;
+        let pages = snapshot::load_memory(dir, count, &mem)?;
+        tracing::info!(snapshots = count, pages, "snapshot chain loaded");
+        Vmm::restore_from(
+            mem,
+            state,
+            RestoreDevices {
+                kvm_path: cfg.kvm_path,
+                console: cfg.console,
+                disks: cfg.disks,
+                nets: cfg.nets,
+                output: None,
+                engines: Vec::new(),
+                disk_ids: Vec::new(),
+            },
+        )
+    }
+
+    /// Rebuilds a VM from guest memory that already holds its pages (a
+    /// backup's standby memory, used in place) and its machine state.
+    pub fn restore_from(
+        mem: GuestMemoryMmap,
+        state: snapshot::MachineSnapshot,
+        cfg: RestoreDevices,
+    ) -> Result<Vmm, VmError> {
         let host = remora_vmstate::cpu::host_cpuid();
         for v in &state.vcpus {
             remora_vmstate::cpu::check_compatible(&v.cpuid, &host)?;
@@ -448,7 +551,7 @@ impl Vmm {
                 max,
             });
         }
-        let virtio = open_virtio(&cfg.nets, &cfg.disks)?;
+        let (virtio, repl) = open_virtio(&cfg.nets, &cfg.disks, cfg.output.as_ref(), cfg.engines, &cfg.disk_ids)?;
         if virtio.len() != state.devices.len() {
             return Err(VmError::Setup(format!(
                 "the snapshot has {} virtio devices, the command line gives {}: pass the same --net/--disk options as to 'remora run'",
@@ -456,8 +559,15 @@ impl Vmm {
                 virtio.len()
             )));
         }
-        let mem = memory::create_guest_memory(state.mem_mib)?;
-        let pages = snapshot::load_memory(dir, count, &mem)?;
+        if vm_memory::GuestMemoryBackend::iter(&mem)
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum::<u64>()
+            != state.mem_mib << 20
+        {
+            return Err(VmError::Setup(
+                "guest memory and state disagree on the memory size".into(),
+            ));
+        }
         // Loading is not guest activity: start the next chain clean.
         for r in vm_memory::GuestMemoryBackend::iter(&mem) {
             std::ops::Deref::deref(r).bitmap().reset();
@@ -474,15 +584,17 @@ impl Vmm {
         }
         remora_vmstate::restore_vm(&vm, &state.vm)?;
         let mmio = attach_virtio(&vm, &mem, virtio, Some(&state.devices))?;
-        tracing::info!(snapshots = count, pages, vcpus = vcpus.len(), "VM restored");
-        Ok(Vmm::assemble(
+        tracing::info!(vcpus = vcpus.len(), "VM restored");
+        let mut vmm = Vmm::assemble(
             kvm,
             vm,
             (mem, state.mem_mib),
             vcpus,
             (bus, mmio, serial),
             (events_tx, events_rx),
-        ))
+        );
+        vmm.repl = repl;
+        Ok(vmm)
     }
 
     fn assemble(
@@ -512,6 +624,10 @@ impl Vmm {
             wp_faults: 0,
             pause_copy: pause_copy_from_env(),
             next_seq: None,
+            repl: checkpoint::ReplDevices::default(),
+            repl_hook: None,
+            msrs: None,
+            carry: Vec::new(),
         }
     }
 
@@ -582,6 +698,10 @@ impl Vmm {
                     let r = self.handle_control(cmd, &control, &threads);
                     let _ = reply.send(r);
                 }
+                Ok(VmEvent::Repl(req, reply)) => {
+                    let r = self.handle_repl(req, &control, &threads);
+                    let _ = reply.send(r);
+                }
             }
         };
         control.request_stop();
@@ -629,16 +749,24 @@ impl Vmm {
     ) -> control::Reply {
         let state = |paused: bool| if paused { "paused" } else { "running" };
         match cmd {
-            control::Command::Status => Ok(format!(
-                "{} vcpus={} mem_mib={} snapshot_dir={}",
-                state(control.is_paused()),
-                self.vcpus.len(),
-                self.mem_mib,
-                self.snapshot_dir
-                    .as_ref()
-                    .map(|d| d.display().to_string())
-                    .unwrap_or_else(|| "-".into())
-            )),
+            control::Command::Status => {
+                let mut line = format!(
+                    "{} vcpus={} mem_mib={} snapshot_dir={}",
+                    state(control.is_paused()),
+                    self.vcpus.len(),
+                    self.mem_mib,
+                    self.snapshot_dir
+                        .as_ref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+                if let Some(r) = self.repl_status() {
+                    line.push(' ');
+                    line.push_str(&r);
+                }
+                Ok(line)
+            }
+            control::Command::Protect { addr } => self.repl_protect(&addr),
             control::Command::Pause => {
                 if !control.is_paused() {
                     self.pause_vcpus(control, threads)?;

@@ -152,6 +152,15 @@ pub fn save_vcpu(fd: &mut VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, Stat
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| StateError::Invalid(format!("CPUID: {e:?}")))?;
     fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    // The guest's TSC runs at the saved rate on a host whose TSC differs
+    // (KVM scales it); before the MSRs, which include the TSC itself.
+    if let Some(khz) = s.tsc_khz {
+        if fd.get_tsc_khz().ok() != Some(khz) {
+            if let Err(e) = fd.set_tsc_khz(khz) {
+                tracing::warn!("cannot set the guest's TSC to {khz} kHz (its clock may drift): {e}");
+            }
+        }
+    }
     fd.set_mp_state(s.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
     fd.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
     fd.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;

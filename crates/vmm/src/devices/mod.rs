@@ -4,6 +4,7 @@ pub mod legacy;
 pub mod serial;
 pub mod tap;
 pub mod virtio;
+pub mod vnet;
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};

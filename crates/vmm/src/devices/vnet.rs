@@ -1,7 +1,7 @@
 //! virtio-net headers on TAP frames: completing offloaded checksums on the
 //! way in, and describing large TCP frames as GSO on the way out.
 //!
-//! The relay's TAPs offer checksum and TSO offloads, so the kernel hands it
+//! TAPs (the relay's, and the VMM's net devices) offer checksum and TSO offloads, so the kernel hands it
 //! frames whose TCP/UDP checksum holds only the pseudo-header sum
 //! (`NEEDS_CSUM`) and TCP frames of up to 64 KiB (GSO). The engine wants
 //! complete checksums; the kernel wants frames longer than the MTU marked

@@ -27,7 +27,7 @@ const T_GET_ID: u32 = 8;
 pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
-const ID_LEN: usize = 20;
+pub const ID_LEN: usize = 20;
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,49 @@ pub enum BlockError {
     Empty { path: PathBuf },
 }
 
+/// A guest write, logged for replication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskWrite {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// The guest's writes to a disk since the last [`WriteLog::take`], while
+/// logging is on (a protected VM): the replication driver ships each
+/// epoch's writes with its checkpoint and the backup applies them only
+/// when the checkpoint is complete. The write itself goes to the disk at
+/// once, as without logging.
+#[derive(Default)]
+pub struct WriteLog {
+    log: std::sync::Mutex<Option<Vec<DiskWrite>>>,
+}
+
+impl WriteLog {
+    /// Starts logging (drops anything logged before).
+    pub fn start(&self) {
+        *crate::devices::lock(&self.log) = Some(Vec::new());
+    }
+
+    /// Stops logging and drops the log.
+    pub fn stop(&self) {
+        *crate::devices::lock(&self.log) = None;
+    }
+
+    /// The writes logged since the last call (logging goes on).
+    pub fn take(&self) -> Vec<DiskWrite> {
+        match &mut *crate::devices::lock(&self.log) {
+            Some(v) => std::mem::take(v),
+            None => Vec::new(),
+        }
+    }
+
+    fn record(&self, offset: u64, data: Vec<u8>) {
+        if let Some(v) = &mut *crate::devices::lock(&self.log) {
+            v.push(DiskWrite { offset, data });
+        }
+    }
+}
+
 /// The disk model and its worker.
 pub struct Block {
     file: Arc<File>,
@@ -45,6 +88,7 @@ pub struct Block {
     sectors: u64,
     id: [u8; ID_LEN],
     worker: Option<(JoinHandle<()>, Arc<worker::WorkerCtl>)>,
+    log: Arc<WriteLog>,
 }
 
 impl Block {
@@ -81,7 +125,32 @@ impl Block {
             sectors: len / SECTOR,
             id,
             worker: None,
+            log: Arc::new(WriteLog::default()),
         })
+    }
+
+    /// The disk's write log (off until started).
+    pub fn write_log(&self) -> Arc<WriteLog> {
+        self.log.clone()
+    }
+
+    /// Size in bytes (whole sectors).
+    pub fn size_bytes(&self) -> u64 {
+        self.sectors * SECTOR
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The id the guest reads (VIRTIO_BLK_T_GET_ID).
+    pub fn id(&self) -> [u8; ID_LEN] {
+        self.id
+    }
+
+    /// Presents another id (a backup presents the primary's).
+    pub fn set_id(&mut self, id: [u8; ID_LEN]) {
+        self.id = id;
     }
 
     fn config(&self) -> [u8; 16] {
@@ -107,6 +176,7 @@ pub fn process_request(
     read_only: bool,
     sectors: u64,
     id: &[u8; ID_LEN],
+    log: &WriteLog,
 ) -> Completion {
     let head = chain.head_index();
     let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
@@ -150,6 +220,7 @@ pub fn process_request(
                 Some(off) => {
                     let mut buf = vec![0u8; reader.available_bytes()];
                     if reader.read_exact(&mut buf).is_ok() && file.write_all_at(&buf, off).is_ok() {
+                        log.record(off, buf);
                         S_OK
                     } else {
                         S_IOERR
@@ -192,6 +263,7 @@ pub fn drain_queue(
     read_only: bool,
     sectors: u64,
     id: &[u8; ID_LEN],
+    log: &WriteLog,
 ) -> bool {
     loop {
         if q.disable_notification(mem).is_err() {
@@ -205,7 +277,7 @@ pub fn drain_queue(
             }
         };
         for chain in chains {
-            let c = process_request(mem, chain, file, read_only, sectors, id);
+            let c = process_request(mem, chain, file, read_only, sectors, id, log);
             if let Err(e) = q.add_used(mem, c.head, c.len) {
                 tracing::warn!("virtio-blk: used ring: {e:?}");
             }
@@ -242,12 +314,18 @@ impl VirtioDevice for Block {
     fn activate(&mut self, mut act: Activation) -> Result<(), String> {
         let (mut q, evt) = act.queues.pop().ok_or("virtio-blk needs one queue")?;
         let ctl = Arc::new(worker::WorkerCtl::new().map_err(|e| e.to_string())?);
-        let (file, ro, sectors, id) = (self.file.clone(), self.read_only, self.sectors, self.id);
+        let (file, ro, sectors, id, log) = (
+            self.file.clone(),
+            self.read_only,
+            self.sectors,
+            self.id,
+            self.log.clone(),
+        );
         let (mem, interrupt, ctl2) = (act.mem, act.interrupt, ctl.clone());
         let t = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || loop {
-                if wait_readable(&evt, &ctl2.wake) && drain_queue(&mut q, &mem, &file, ro, sectors, &id) {
+                if wait_readable(&evt, &ctl2.wake) && drain_queue(&mut q, &mem, &file, ro, sectors, &id, &log) {
                     interrupt.signal_used();
                 }
                 if !ctl2.checkpoint(&[&q]) {
@@ -357,7 +435,7 @@ mod tests {
         )));
         vq.build_desc_chain(&descs).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        drain_queue(&mut q, &mem, &blk.file, blk.read_only, blk.sectors, &blk.id);
+        drain_queue(&mut q, &mem, &blk.file, blk.read_only, blk.sectors, &blk.id, &blk.log);
         assert_eq!(q.next_used(), 1, "request not completed");
         let used_len: u32 = mem.read_obj(vq.used_addr().unchecked_add(8)).unwrap();
         let status: u8 = mem.read_obj(GuestAddress(0x3_0000)).unwrap();

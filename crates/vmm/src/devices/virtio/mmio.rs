@@ -521,10 +521,8 @@ mod restore_tests {
         wait_used(&mem, vq.used_addr(), 2);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_1100)).unwrap(), 6);
         assert_ne!(t2.interrupt.status() & INT_VRING, 0);
-        let net = Box::new(crate::devices::virtio::net::Net::with_io(
-            Box::new(NullIo),
-            [0x52, 0x54, 0, 0, 0, 1],
-        ));
+        let net =
+            Box::new(crate::devices::virtio::net::Net::with_io(Box::new(NullIo), [0x52, 0x54, 0, 0, 0, 1]).unwrap());
         assert!(MmioTransport::restore(net, mem, EventFd::new(0).unwrap(), &snap)
             .err()
             .unwrap()

@@ -1,6 +1,7 @@
 //! virtio devices on the virtio-mmio transport (version 2).
 
 pub mod block;
+pub mod commit;
 pub mod mmio;
 pub mod net;
 pub mod worker;

@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::commit::{EnginePort, OutputCommit};
 use super::*;
 use crate::devices::tap::{self, VNET_HDR_LEN};
 
@@ -100,20 +101,57 @@ pub struct Net {
     io: Option<Box<dyn FrameIo>>,
     mac: [u8; 6],
     worker: Option<(JoinHandle<()>, Arc<worker::WorkerCtl>)>,
+    /// Output commit's handle (the engine runs in the worker, if any).
+    commit: Arc<OutputCommit>,
+    /// The engine to start the device with.
+    output: Option<OutputSetup>,
+}
+
+/// An engine a device starts with.
+pub struct OutputSetup {
+    /// A fresh engine, or one restored from a checkpoint.
+    pub engine: remora_spec::Engine,
+    /// The engine's clock when the device starts (its time at the
+    /// checkpoint for a restored engine, else zero).
+    pub now: std::time::Duration,
+    /// Announce the guest's MAC when the device starts (after a failover).
+    pub announce: bool,
 }
 
 impl Net {
     /// Opens the TAP now, so a bad name is reported before boot.
     pub fn open(cfg: &NetConfig) -> Result<Net, tap::TapError> {
-        Ok(Net::with_io(Box::new(tap::Tap::open(&cfg.tap)?), cfg.mac))
+        let io = Box::new(tap::Tap::open(&cfg.tap)?);
+        Net::with_io(io, cfg.mac).map_err(|e| tap::TapError::Configure {
+            name: cfg.tap.clone(),
+            what: "eventfd",
+            source: e,
+        })
     }
 
-    pub fn with_io(io: Box<dyn FrameIo>, mac: [u8; 6]) -> Net {
-        Net {
+    pub fn with_io(io: Box<dyn FrameIo>, mac: [u8; 6]) -> io::Result<Net> {
+        Ok(Net {
             io: Some(io),
             mac,
             worker: None,
-        }
+            commit: Arc::new(OutputCommit::new()?),
+            output: None,
+        })
+    }
+
+    /// The device's output-commit handle.
+    pub fn output_commit(&self) -> Arc<OutputCommit> {
+        self.commit.clone()
+    }
+
+    /// Puts the speculative engine between this device and its TAP (before
+    /// the device is activated).
+    pub fn set_output_commit(&mut self, setup: OutputSetup) {
+        self.output = Some(setup);
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
     }
 }
 
@@ -176,6 +214,21 @@ impl VirtioDevice for Net {
         let ctl = Arc::new(worker::WorkerCtl::new().map_err(|e| e.to_string())?);
         let ctl2 = ctl.clone();
         let mut w = NetWorker::new(act.mem, rx, tx, io, act.interrupt, has(F_MRG_RXBUF));
+        if let Some(setup) = self.output.take() {
+            let mut port = EnginePort::new(setup.engine, self.commit.clone(), self.mac, setup.now);
+            if setup.announce {
+                port.start_announce();
+            }
+            w.port = Some(port);
+        } else if let Some(engine) = self.commit.take_install() {
+            w.port = Some(EnginePort::new(
+                engine,
+                self.commit.clone(),
+                self.mac,
+                Default::default(),
+            ));
+        }
+        w.commit = Some((self.commit.clone(), self.mac));
         let t = std::thread::Builder::new()
             .name("virtio-net".into())
             .spawn(move || {
@@ -225,12 +278,20 @@ pub struct NetWorker {
     /// Length of a frame read from the TAP but not yet delivered.
     rx_pending: usize,
     tx_frame: Vec<u8>,
+    /// Output commit, if the device has it.
+    pub port: Option<EnginePort>,
+    /// The device's output-commit handle (an engine may be installed
+    /// through it while the device runs) and MAC.
+    pub commit: Option<(Arc<OutputCommit>, [u8; 6])>,
 }
 
 const EV_RX: u64 = 1;
 const EV_TX: u64 = 2;
 const EV_IO: u64 = 3;
 const EV_CTL: u64 = 4;
+const EV_COMMIT: u64 = 5;
+/// TAP frames read per pass when the engine is on the path.
+const TAP_BATCH: usize = 64;
 
 impl NetWorker {
     pub fn new(
@@ -251,6 +312,8 @@ impl NetWorker {
             rx_frame: vec![0u8; MAX_FRAME],
             rx_pending: 0,
             tx_frame: Vec::with_capacity(MAX_FRAME),
+            port: None,
+            commit: None,
         }
     }
 
@@ -272,13 +335,26 @@ impl NetWorker {
             ctl.wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, EV_CTL),
         )?;
+        if let Some((c, _)) = &self.commit {
+            ep.ctl(
+                ControlOperation::Add,
+                c.wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, EV_COMMIT),
+            )?;
+        }
         let io_fd = self.io.raw_fd();
         let mut io_events = EventSet::IN;
         ep.ctl(ControlOperation::Add, io_fd, EpollEvent::new(io_events, EV_IO))?;
         let mut events = vec![EpollEvent::default(); 8];
         let mut tx_state = TxState::Idle;
         loop {
-            let timeout = if tx_state == TxState::Down { TX_RETRY_MS } else { -1 };
+            let mut timeout = if tx_state == TxState::Down { TX_RETRY_MS } else { -1 };
+            if let Some(port) = &self.port {
+                let t = port.timeout_ms();
+                if t >= 0 && (timeout < 0 || t < timeout) {
+                    timeout = t;
+                }
+            }
             let n = match ep.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -289,9 +365,25 @@ impl NetWorker {
             for ev in &events[..n] {
                 match ev.data() {
                     EV_CTL => {
+                        if let Some(port) = &mut self.port {
+                            // A checkpoint's pause: everything the guest
+                            // handed over so far belongs to the sealed epoch.
+                            port.seal_if_requested();
+                        }
                         if !ctl.checkpoint(&[&self.rx, &self.tx]) {
                             return Ok(());
                         }
+                    }
+                    EV_COMMIT => {
+                        if let Some((c, mac)) = &self.commit {
+                            let _ = c.wake.read();
+                            if self.port.is_none() {
+                                if let Some(engine) = c.take_install() {
+                                    self.port = Some(EnginePort::new(engine, c.clone(), *mac, Default::default()));
+                                }
+                            }
+                        }
+                        do_rx = true;
                     }
                     EV_RX => {
                         let _ = rx_evt.read();
@@ -315,7 +407,15 @@ impl NetWorker {
                 tx_state = self.process_tx();
             }
             let mut rx_blocked = false;
-            if do_rx {
+            if self.port.is_some() {
+                // Timers, commits and the engine's output run on every pass.
+                rx_blocked = self.process_engine(do_rx);
+                if self.port.as_ref().is_some_and(|p| !p.to_tap.is_empty()) {
+                    tx_state = TxState::Full;
+                } else if tx_state == TxState::Full {
+                    tx_state = TxState::Idle;
+                }
+            } else if do_rx {
                 rx_blocked = self.process_rx();
             }
             // Listen for TAP input only while there is somewhere to put it,
@@ -357,7 +457,11 @@ impl NetWorker {
                         break;
                     }
                 }
-                if ok && self.tx_frame.len() > VNET_HDR_LEN {
+                if ok && self.tx_frame.len() > VNET_HDR_LEN && self.port.is_some() {
+                    if let Some(port) = &mut self.port {
+                        port.from_guest(&mut self.tx_frame);
+                    }
+                } else if ok && self.tx_frame.len() > VNET_HDR_LEN {
                     match self.io.send(&self.tx_frame) {
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -390,6 +494,70 @@ impl NetWorker {
             self.interrupt.signal_used();
         }
         state
+    }
+
+    /// With output commit: runs the engine's timers and commits, reads
+    /// TAP frames into it (if `read_tap`), writes its output, and moves its
+    /// frames for the guest into the RX ring. Returns true when the guest
+    /// has no room and the TAP should not be read.
+    pub fn process_engine(&mut self, read_tap: bool) -> bool {
+        let Some(port) = &mut self.port else {
+            return false;
+        };
+        if read_tap {
+            for _ in 0..TAP_BATCH {
+                if port.guest_backlogged() {
+                    break;
+                }
+                match self.io.recv(&mut self.rx_frame) {
+                    Ok(n) if n > VNET_HDR_LEN => port.from_tap(&mut self.rx_frame[..n]),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: TAP read: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        port.tick();
+        port.drain(&mut *self.io);
+        self.deliver_to_guest()
+    }
+
+    /// Moves the engine's frames for the guest into the RX ring; true if
+    /// some are left for lack of buffers.
+    fn deliver_to_guest(&mut self) -> bool {
+        let mut used = false;
+        let blocked = loop {
+            let Some(port) = &mut self.port else {
+                break false;
+            };
+            let Some(f) = port.to_guest.front() else {
+                break false;
+            };
+            let n = f.len().min(self.rx_frame.len());
+            self.rx_frame[..n].copy_from_slice(&f[..n]);
+            self.rx_pending = n;
+            if self.deliver_rx() {
+                used = true;
+                self.rx_pending = 0;
+                if let Some(port) = &mut self.port {
+                    port.to_guest.pop_front();
+                }
+            } else {
+                self.rx_pending = 0;
+                match self.rx.enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    _ => break true,
+                }
+            }
+        };
+        if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal_used();
+        }
+        blocked || self.port.as_ref().is_some_and(|p| p.guest_backlogged())
     }
 
     /// Moves frames from the TAP into the RX ring until either is empty.

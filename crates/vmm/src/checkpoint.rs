@@ -1,0 +1,327 @@
+//! Checkpoints for replication: what the VMM offers a replication driver.
+//!
+//! The VMM knows nothing of backups or networks. A driver (crates/replication)
+//! sends [`ReplRequest`]s through the VM's event channel
+//! ([`crate::VmEvent::Repl`]) and gets:
+//!
+//! * `StartTracking`: KVM dirty logging and the disks' write logs switched
+//!   on, and the list of populated guest pages (for the live pre-copy);
+//! * `Harvest`: the pages written since the last harvest (pre-copy rounds);
+//! * `Checkpoint`: one pause — device workers park (each net device's
+//!   engine seals its epoch at that instant), vCPUs park, dirty pages are
+//!   harvested and copied to a staging buffer, vCPU/VM/device state is
+//!   captured, each disk's write log is taken — then the VM resumes. The
+//!   transfer is not part of the pause;
+//! * `Unprotect`: output flows freely again (the engines commit at once),
+//!   disk logs and dirty logging stop.
+//!
+//! Commits go straight from the driver to the net devices through their
+//! [`OutputCommit`] handles ([`ReplDevices`]), without the event loop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::devices::lock;
+use crate::devices::virtio::block::{DiskWrite, WriteLog, ID_LEN};
+use crate::devices::virtio::commit::{OutputCommit, Sealed};
+use crate::memory;
+use crate::snapshot::{MachineSnapshot, Staging};
+use crate::Vmm;
+
+/// A net device as replication sees it.
+pub struct NetDevice {
+    pub mac: [u8; 6],
+    /// Output commit's handle.
+    pub commit: Arc<OutputCommit>,
+}
+
+/// A disk as replication sees it.
+pub struct DiskDevice {
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub id: [u8; ID_LEN],
+    pub log: Arc<WriteLog>,
+}
+
+/// The devices' replication handles, in device order.
+#[derive(Default)]
+pub struct ReplDevices {
+    pub nets: Vec<NetDevice>,
+    pub disks: Vec<DiskDevice>,
+}
+
+/// What the replication driver asks of the VMM.
+#[derive(Debug)]
+pub enum ReplRequest {
+    StartTracking,
+    Harvest,
+    /// Take checkpoint `seq` into `buf`'s allocation (a recycled staging
+    /// buffer). `protect`: from this checkpoint on, output is held until
+    /// commits (the first checkpoint for a backup).
+    Checkpoint {
+        seq: u64,
+        buf: Vec<u8>,
+        protect: bool,
+    },
+    /// Pages harvested but not sent: they go into the next harvest or
+    /// checkpoint.
+    Carry {
+        pages: Vec<u64>,
+    },
+    /// Output flows freely again; tracking stops.
+    Unprotect,
+}
+
+/// The VMM's answer.
+pub enum ReplReply {
+    Pages(Vec<u64>),
+    Checkpoint(Box<Checkpoint>),
+    Done,
+}
+
+impl std::fmt::Debug for ReplReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplReply::Pages(p) => write!(f, "Pages({})", p.len()),
+            ReplReply::Checkpoint(c) => write!(f, "Checkpoint(seq={})", c.seq),
+            ReplReply::Done => write!(f, "Done"),
+        }
+    }
+}
+
+/// One checkpoint, captured in one pause.
+pub struct Checkpoint {
+    pub seq: u64,
+    pub state: MachineSnapshot,
+    /// The pages written since the previous checkpoint (or harvest).
+    pub pages: Staging,
+    /// Per net device: the epoch sealed in this checkpoint and the engine's
+    /// delta (None: no output commit on that device, or its worker is not
+    /// running yet).
+    pub engines: Vec<Option<Sealed>>,
+    /// Per disk: the guest's writes since the previous checkpoint, in order.
+    pub disks: Vec<Vec<DiskWrite>>,
+    /// How long the vCPUs were paused, and the parts of it, in microseconds.
+    pub pause_us: u64,
+    pub copy_us: u64,
+    pub state_us: u64,
+}
+
+/// The replication driver's part of the control socket.
+pub trait ReplHook: Send {
+    /// `ctl protect ADDR`.
+    fn protect(&mut self, addr: &str) -> Result<String, String>;
+    /// `key=value` pairs appended to `ctl status`.
+    fn status(&self) -> String;
+}
+
+impl Vmm {
+    /// The devices' replication handles.
+    pub fn repl_devices(&self) -> &ReplDevices {
+        &self.repl
+    }
+
+    /// Guest memory (a handle to the same mapping), for a live pre-copy.
+    pub fn memory(&self) -> memory::GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    pub fn mem_mib(&self) -> u64 {
+        self.mem_mib
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Installs the replication driver's handler of `ctl protect` and its
+    /// part of `ctl status`.
+    pub fn set_repl_hook(&mut self, hook: Box<dyn ReplHook>) {
+        self.repl_hook = Some(hook);
+    }
+
+    pub(crate) fn repl_protect(&mut self, addr: &str) -> Result<String, String> {
+        match &mut self.repl_hook {
+            Some(h) => h.protect(addr),
+            None => Err("this VM cannot be protected: it runs without replication support".into()),
+        }
+    }
+
+    pub(crate) fn repl_status(&self) -> Option<String> {
+        self.repl_hook.as_ref().map(|h| h.status())
+    }
+
+    pub(crate) fn handle_repl(
+        &mut self,
+        req: ReplRequest,
+        control: &crate::vcpu::VcpuControl,
+        threads: &[std::thread::JoinHandle<()>],
+    ) -> Result<ReplReply, String> {
+        match req {
+            ReplRequest::StartTracking => {
+                memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
+                // From here on every write is logged; what was there before
+                // is in the populated pages.
+                let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+                self.carry.clear();
+                for d in &self.repl.disks {
+                    d.log.start();
+                }
+                Ok(ReplReply::Pages(Staging::populated_pages(&self.mem)))
+            }
+            ReplRequest::Harvest => {
+                let mut pages = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+                merge_carry(&mut pages, &mut self.carry);
+                Ok(ReplReply::Pages(pages))
+            }
+            ReplRequest::Carry { pages } => {
+                self.carry_pages(&pages);
+                Ok(ReplReply::Done)
+            }
+            ReplRequest::Checkpoint { seq, buf, protect } => self
+                .checkpoint(seq, buf, protect, control, threads)
+                .map(|c| ReplReply::Checkpoint(Box::new(c))),
+            ReplRequest::Unprotect => {
+                for n in &self.repl.nets {
+                    n.commit.set_auto_commit(true);
+                }
+                for d in &self.repl.disks {
+                    d.log.stop();
+                }
+                self.carry.clear();
+                if self.snapshot_dir.is_none() {
+                    // Snapshots still need the dirty log once they started.
+                    memory::register_memory(&self.vm, &self.mem, false).map_err(|e| format!("dirty logging: {e}"))?;
+                }
+                Ok(ReplReply::Done)
+            }
+        }
+    }
+
+    /// One checkpoint: pause, capture, resume (see the module docs).
+    fn checkpoint(
+        &mut self,
+        seq: u64,
+        buf: Vec<u8>,
+        protect: bool,
+        control: &crate::vcpu::VcpuControl,
+        threads: &[std::thread::JoinHandle<()>],
+    ) -> Result<Checkpoint, String> {
+        if control.is_paused() {
+            return Err("the VM is paused (ctl pause): no checkpoint until it resumes".into());
+        }
+        if self.msrs.is_none() {
+            self.msrs = Some(remora_vmstate::msrs_to_save(&self.kvm).map_err(|e| e.to_string())?);
+        }
+        let _rt = crate::RealTime::enter();
+        for n in &self.repl.nets {
+            if protect {
+                n.commit.set_auto_commit(false);
+            }
+            n.commit.request_seal();
+        }
+        let t0 = Instant::now();
+        self.mmio.request_pause_all();
+        if let Err(e) = self.pause_vcpus(control, threads) {
+            self.mmio.resume_all();
+            return Err(e);
+        }
+        let captured = self.capture_checkpoint(seq, buf);
+        control.resume();
+        let pause_us = t0.elapsed().as_micros() as u64;
+        self.mmio.resume_all();
+        drop(_rt);
+        let (state, pages, engines, disks, state_us, copy_us) = captured?;
+        Ok(Checkpoint {
+            seq,
+            state,
+            pages,
+            engines,
+            disks,
+            pause_us,
+            copy_us,
+            state_us,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn capture_checkpoint(
+        &mut self,
+        seq: u64,
+        buf: Vec<u8>,
+    ) -> Result<
+        (
+            MachineSnapshot,
+            Staging,
+            Vec<Option<Sealed>>,
+            Vec<Vec<DiskWrite>>,
+            u64,
+            u64,
+        ),
+        String,
+    > {
+        let t0 = Instant::now();
+        let msrs = self.msrs.clone().unwrap_or_default();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for fd in &self.vcpus {
+            vcpus.push(remora_vmstate::save_vcpu(&mut lock(fd), &msrs).map_err(|e| e.to_string())?);
+        }
+        let vm = remora_vmstate::save_vm(&self.vm).map_err(|e| e.to_string())?;
+        let serial = lock(&self.serial).state();
+        let devices = self.mmio.pause_all();
+        // Device workers are parked: their seals and logs are final.
+        let engines: Vec<Option<Sealed>> = self.repl.nets.iter().map(|n| n.commit.take_sealed()).collect();
+        let disks: Vec<Vec<DiskWrite>> = self.repl.disks.iter().map(|d| d.log.take()).collect();
+        let state_us = t0.elapsed().as_micros() as u64;
+        let t1 = Instant::now();
+        let mut dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"));
+        if let Ok(d) = &mut dirty {
+            merge_carry(d, &mut self.carry);
+        }
+        let dirty = dirty?;
+        let (pages, _) = Staging::copy_until(&self.mem, &dirty, buf, None);
+        let copy_us = t1.elapsed().as_micros() as u64;
+        let state = MachineSnapshot {
+            seq: seq as u32,
+            mem_mib: self.mem_mib,
+            vcpus,
+            vm,
+            serial,
+            devices,
+        };
+        Ok((state, pages, engines, disks, state_us, copy_us))
+    }
+
+    /// A checkpoint whose pages did not reach the backup: its pages go into
+    /// the next one (never lost).
+    pub fn carry_pages(&mut self, pages: &[u64]) {
+        self.carry.extend_from_slice(pages);
+    }
+}
+
+/// Adds the carried pages to `pages` (sorted, without duplicates) and
+/// empties the carry.
+fn merge_carry(pages: &mut Vec<u64>, carry: &mut Vec<u64>) {
+    if carry.is_empty() {
+        return;
+    }
+    pages.append(carry);
+    pages.sort_unstable();
+    pages.dedup();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carried_pages_merge_once() {
+        let mut pages = vec![0x1000, 0x3000];
+        let mut carry = vec![0x3000, 0x2000];
+        merge_carry(&mut pages, &mut carry);
+        assert_eq!(pages, vec![0x1000, 0x2000, 0x3000]);
+        assert!(carry.is_empty());
+    }
+}
