@@ -35,6 +35,29 @@ enum Command {
     Restore(RestoreArgs),
     /// Talk to a running VM's control socket.
     Ctl(CtlArgs),
+    /// Stand by for a primary (`remora run --protect`) and take over its
+    /// guest when it dies.
+    ///
+    /// The backup checks its devices (every --net TAP must exist, every
+    /// --disk must open; MACs, disk sizes and modes must match the
+    /// primary's: a mismatch refuses the primary at connect time), then
+    /// listens. It receives the initial sync (memory and the disks'
+    /// allocated extents, while the guest runs on the primary) and then one
+    /// checkpoint per epoch: guest memory, vCPU and device state, the
+    /// epoch's disk writes and the network engines' held bytes. Each
+    /// checkpoint is verified (framed, checksummed) and applied all or
+    /// nothing, then acknowledged; a corrupt one is refused and sent again.
+    /// No kernel is needed here: the guest comes from the primary.
+    ///
+    /// When the primary dies (its connection closes, or it is silent for
+    /// --heartbeat-timeout-ms) the backup resumes the guest from the last
+    /// complete checkpoint on its own TAPs and disks, announces the guest's
+    /// MAC on the LAN, and runs it as `remora run` would (serial console on
+    /// stdout, --control socket, exit status). If the primary's guest powers
+    /// off or its operator stops it, the backup exits (status 0) without
+    /// taking over. Without a fence, a cut replication link makes both
+    /// hosts run the guest: keep that link as reliable as the LAN.
+    Backup(BackupArgs),
     /// Relay TCP/IP between two TAP devices through remora's output-commit
     /// engine, without a VM: the inner TAP stands for the protected guest,
     /// the outer one for the network.
@@ -49,6 +72,40 @@ enum Command {
     /// (flows seen from their SYN; everything else is buffered). outer->inner
     /// is always immediate. Stops on SIGINT/SIGTERM with a summary (exit 0).
     Relay(RelayArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputArg {
+    /// The engine acknowledges the guest's TCP data at once and delivers it
+    /// itself once its checkpoint is safe (fast).
+    Speculative,
+    /// Plain output commit: every frame waits for its checkpoint (Remus).
+    Buffered,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Address to wait for the primary on, e.g. 192.168.100.2:7700.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: std::net::SocketAddr,
+    /// The guest's network interfaces, as on the primary (same order and
+    /// MACs); each TAP must exist on this host, on the guest's LAN.
+    #[arg(long, value_name = "tap=NAME,mac=MAC")]
+    net: Vec<remora_vmm::NetConfig>,
+    /// The guest's disks, as on the primary (same order, sizes and modes):
+    /// this host's replicas, kept equal to the primary's by the
+    /// checkpoints. Their content is overwritten.
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<remora_vmm::DiskConfig>,
+    /// Serve control requests on this Unix socket once the guest runs here.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Take over when the primary has been silent this long.
+    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    heartbeat_timeout_ms: u64,
+    /// The KVM device.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
+    kvm: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -121,8 +178,23 @@ struct CtlArgs {
 
 #[derive(Subcommand)]
 enum CtlRequest {
-    /// Print whether the VM runs or is paused, and its snapshot chain.
-    Status,
+    /// Print whether the VM runs or is paused, its snapshot chain and its
+    /// protection: protected (no/syncing/yes), backup, epoch (checkpoints
+    /// acknowledged), last and p99 pause (us), bytes of the last
+    /// checkpoint, lag (checkpoints unacknowledged), output held (bytes),
+    /// backup alive.
+    Status {
+        /// One JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start protecting the running VM with the backup at ADDR:PORT
+    /// (`remora backup --listen ADDR:PORT`): initial sync while the guest
+    /// runs, then one checkpoint per epoch. `status` shows progress.
+    Protect {
+        #[arg(value_name = "ADDR:PORT")]
+        addr: String,
+    },
     /// Stop the vCPUs (the VM keeps its state).
     Pause,
     /// Let paused vCPUs run again.
@@ -173,13 +245,44 @@ struct RunArgs {
     /// locally administered address derived from the TAP name. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<remora_vmm::NetConfig>,
-    /// Serve control requests (status, pause, resume, snapshot) on this
-    /// Unix socket; see `remora ctl`.
+    /// Serve control requests (status, pause, resume, snapshot, protect)
+    /// on this Unix socket; see `remora ctl`.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Protect the VM from boot on with the backup at ADDR:PORT (`remora
+    /// backup`). Replicated: guest memory, vCPU and device state, disk
+    /// writes, the network engine's held bytes. The backup needs the same
+    /// TAP names on its LAN and disks of the same sizes, not the kernel. If
+    /// the backup is lost, the VM goes on unprotected (held output is
+    /// released) and `ctl protect` can protect it again.
+    #[arg(long, value_name = "ADDR:PORT")]
+    protect: Option<String>,
+    /// Checkpoint interval in milliseconds (with --protect or `ctl protect`).
+    #[arg(long, value_name = "MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    epoch_ms: u64,
+    /// How the guest's output is held until its checkpoint is safe.
+    #[arg(long, value_enum, default_value = "speculative")]
+    output: OutputArg,
+    /// The backup is lost when silent this long (the primary then runs
+    /// unprotected).
+    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    heartbeat_timeout_ms: u64,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
+}
+
+/// The engine between a protected guest's net devices and their TAPs.
+fn engine_config(output: OutputArg) -> remora_spec::Config {
+    remora_spec::Config {
+        mode: match output {
+            OutputArg::Speculative => remora_spec::Mode::Speculative,
+            OutputArg::Buffered => remora_spec::Mode::Buffered,
+        },
+        per_flow_budget: 16 << 20,
+        tso_max: 64_000,
+        ..remora_spec::Config::default()
+    }
 }
 
 fn main() -> ExitCode {
@@ -204,6 +307,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Ctl(args) => ctl(args),
+        Command::Backup(args) => backup(args),
         Command::Relay(args) => relay(args),
     };
     match result {
@@ -253,6 +357,7 @@ fn forward_stop_signals(on_signal: impl Fn(&'static str) -> bool + Send + 'stati
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let engine = engine_config(args.output);
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -264,12 +369,76 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         console: Box::new(std::io::stdout()),
         disks: args.disk,
         nets: args.net,
+        // With --protect the engine is on the path from boot, so every
+        // TCP flow is seen from its SYN and can be speculated.
+        output: args.protect.as_ref().map(|_| engine.clone()),
     };
     let mut vmm = Vmm::new(config)?;
     if let Some(p) = args.control {
         vmm.set_control_socket(p);
     }
-    run_vmm(vmm)
+    let protector = remora_replication::primary::Protector::new(
+        &vmm,
+        remora_replication::primary::PrimaryOptions {
+            epoch: std::time::Duration::from_millis(args.epoch_ms),
+            output: match args.output {
+                OutputArg::Speculative => remora_replication::OutputMode::Speculative,
+                OutputArg::Buffered => remora_replication::OutputMode::Buffered,
+            },
+            heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+            max_in_flight: 3,
+            engine,
+            connect_timeout: std::time::Duration::from_secs(5),
+        },
+    );
+    vmm.set_repl_hook(protector.hook());
+    if let Some(addr) = &args.protect {
+        protector.protect(addr)?;
+        eprintln!(
+            "remora: protecting the VM with the backup at {addr} (epoch {} ms)",
+            args.epoch_ms
+        );
+    }
+    run_vmm(vmm, move |exit| {
+        protector.shutdown(&match exit {
+            VmExit::PowerOff => "guest powered off".to_string(),
+            VmExit::Reset => "guest reset".to_string(),
+            VmExit::Stopped(why) => why.clone(),
+            VmExit::Fault { vcpu, fault } => format!("vCPU {vcpu}: {fault}"),
+        })
+    })
+}
+
+fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
+    use remora_replication::backup::{serve, BackupOptions, Outcome};
+    let opts = BackupOptions {
+        listen: args.listen,
+        nets: args.net,
+        disks: args.disk,
+        heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+        kvm_path: args.kvm,
+        engine: engine_config(OutputArg::Speculative),
+    };
+    match serve(opts, Box::new(std::io::stdout()))? {
+        Outcome::Shutdown(reason) => {
+            eprintln!("remora backup: done: the primary's guest ended ({reason})");
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Takeover { mut vmm, timing } => {
+            if let Some(p) = args.control {
+                vmm.set_control_socket(p);
+            }
+            let decided = timing.decided_at;
+            eprintln!(
+                "remora backup: failover: detect {} ms, restore {} ms, guest running {} ms after the decision (checkpoint {})",
+                timing.detect.as_millis(),
+                timing.restore.as_millis(),
+                decided.elapsed().as_millis(),
+                timing.seq
+            );
+            run_vmm(*vmm, |_| {})
+        }
+    }
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
@@ -283,13 +452,18 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = args.control {
         vmm.set_control_socket(p);
     }
-    run_vmm(vmm)
+    run_vmm(vmm, |_| {})
 }
 
 fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     use remora_vmm::control::{request, Command as C};
+    let mut json = false;
     let cmd = match args.request {
-        CtlRequest::Status => C::Status,
+        CtlRequest::Status { json: j } => {
+            json = j;
+            C::Status
+        }
+        CtlRequest::Protect { addr } => C::Protect { addr },
         CtlRequest::Pause => C::Pause,
         CtlRequest::Resume => C::Resume,
         CtlRequest::Snapshot { out, incremental } => {
@@ -301,6 +475,10 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let reply =
         request(&args.socket, &cmd).with_context(|| format!("cannot reach the VM at {}", args.socket.display()))?;
     match reply.strip_prefix("ok") {
+        Some(rest) if json => {
+            println!("{}", status_json(rest.trim()));
+            Ok(ExitCode::SUCCESS)
+        }
         Some(rest) => {
             println!("{}", rest.trim());
             Ok(ExitCode::SUCCESS)
@@ -309,7 +487,53 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn run_vmm(vmm: Vmm) -> anyhow::Result<ExitCode> {
+/// `status` text (a state word, then `key=value` pairs, values optionally
+/// in double quotes) as one JSON object; numbers stay numbers.
+fn status_json(line: &str) -> String {
+    let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut fields = Vec::new();
+    let mut rest = line.trim();
+    let mut first = true;
+    while !rest.is_empty() {
+        let (word, tail) = match rest.find('=') {
+            Some(eq) if !rest[..eq].contains(' ') => {
+                let key = &rest[..eq];
+                let after = &rest[eq + 1..];
+                let (val, tail) = if let Some(q) = after.strip_prefix('"') {
+                    match q.find('"') {
+                        Some(end) => (&q[..end], &q[end + 1..]),
+                        None => (q, ""),
+                    }
+                } else {
+                    match after.find(' ') {
+                        Some(sp) => (&after[..sp], &after[sp..]),
+                        None => (after, ""),
+                    }
+                };
+                let v = if val.parse::<f64>().is_ok() {
+                    val.to_string()
+                } else {
+                    format!("\"{}\"", esc(val))
+                };
+                (format!("\"{}\":{v}", esc(key)), tail)
+            }
+            _ => {
+                let (w, tail) = match rest.find(' ') {
+                    Some(sp) => (&rest[..sp], &rest[sp..]),
+                    None => (rest, ""),
+                };
+                let key = if first { "state" } else { "flag" };
+                (format!("\"{key}\":\"{}\"", esc(w)), tail)
+            }
+        };
+        first = false;
+        fields.push(word);
+        rest = tail.trim_start();
+    }
+    format!("{{{}}}", fields.join(","))
+}
+
+fn run_vmm(vmm: Vmm, on_exit: impl FnOnce(&VmExit)) -> anyhow::Result<ExitCode> {
     let tx = vmm.event_sender();
     forward_stop_signals(move |name| tx.send(VmEvent::Stop(format!("stopped by {name}"))).is_ok())?;
     if std::io::stdin().is_terminal() {
@@ -336,6 +560,7 @@ fn run_vmm(vmm: Vmm) -> anyhow::Result<ExitCode> {
             .context("cannot start the console input thread")?;
     }
     let exit = vmm.run()?;
+    on_exit(&exit);
     match &exit {
         VmExit::PowerOff => eprintln!("remora: guest powered off"),
         VmExit::Reset => eprintln!("remora: guest reset; the VM ends (remora does not reboot guests)"),

@@ -1,0 +1,796 @@
+//! The primary: protects a running VM by checkpointing it to a backup.
+//!
+//! One replication thread per protection: connect, hello, live pre-copy
+//! (memory, then the disks' allocated extents, then rounds of the pages
+//! dirtied meanwhile until the rest fits one pause), then the epoch loop:
+//! every epoch one checkpoint (a pause of the VM; the transfer happens
+//! while the guest runs the next epoch), at most `max_in_flight`
+//! unacknowledged (when the backup falls behind, epochs stretch; they are
+//! never dropped). A reader thread takes the backup's acknowledgements and
+//! commits each acknowledged checkpoint's epoch in the net devices'
+//! engines at once. A refused (Nack) checkpoint is sent again with every
+//! later one (the primary keeps them until acknowledged).
+//!
+//! Any failure (connect, write, backup silent for the heartbeat timeout,
+//! protocol error) ends the protection: the VM goes on unprotected, its
+//! engines release everything they held (the peer sees no gap), `status`
+//! says why, and `ctl protect` can start again (with a new full sync).
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use remora_proto::{
+    DeviceIdentity, OutputMode, PrimaryConfig, PrimaryEvent, PrimaryReceiver, PrimarySender, PrimarySession, VmIdentity,
+};
+use remora_spec::EpochId;
+use remora_vmm::checkpoint::{Checkpoint, ReplHook, ReplReply, ReplRequest};
+use remora_vmm::devices::virtio::commit::OutputCommit;
+use remora_vmm::memory::GuestMemoryMmap;
+use remora_vmm::{VmEvent, Vmm};
+use vm_memory::{Bytes, GuestAddress};
+
+/// `remora_vmstate::format` kind of a checkpoint's machine state.
+pub const STATE_KIND: u32 = 3;
+/// Pages per pre-copy / checkpoint pages message.
+const PAGES_PER_MESSAGE: usize = 256;
+/// Pre-copy stops when a round has at most this many dirty pages left
+/// (they go into the first checkpoint's pause) or after `MAX_ROUNDS`.
+const PRECOPY_DONE_PAGES: usize = 4096;
+const MAX_ROUNDS: u32 = 8;
+/// Disk pre-copy chunk.
+const DISK_CHUNK: usize = 1 << 20;
+
+/// How to protect.
+#[derive(Clone, Debug)]
+pub struct PrimaryOptions {
+    pub epoch: Duration,
+    pub output: OutputMode,
+    pub heartbeat_timeout: Duration,
+    /// Checkpoints sent and not yet acknowledged, at most.
+    pub max_in_flight: usize,
+    /// The engine put between each net device and its TAP.
+    pub engine: remora_spec::Config,
+    /// How long to wait for the backup's TCP connection and hello.
+    pub connect_timeout: Duration,
+}
+
+/// Where protection stands (for `ctl status`).
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// "no", "syncing", "yes".
+    pub protected: &'static str,
+    pub backup: String,
+    /// Checkpoints acknowledged.
+    pub epoch: u64,
+    pub last_pause_us: u64,
+    pauses: VecDeque<u64>,
+    pub last_bytes: u64,
+    /// Checkpoints sent and not yet acknowledged.
+    pub lag: u64,
+    pub backup_alive: bool,
+    pub last_error: Option<String>,
+    pub nacks: u64,
+}
+
+impl Status {
+    fn p99_pause(&self) -> u64 {
+        if self.pauses.is_empty() {
+            return 0;
+        }
+        let mut v: Vec<u64> = self.pauses.iter().copied().collect();
+        v.sort_unstable();
+        v[((v.len() * 99).div_ceil(100)).saturating_sub(1)]
+    }
+}
+
+struct InFlight {
+    seq: u64,
+    epochs: Vec<Option<EpochId>>,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Link {
+    inflight: VecDeque<InFlight>,
+    failed: Option<String>,
+    resend_from: Option<u64>,
+    acked: u64,
+}
+
+struct Inner {
+    opts: PrimaryOptions,
+    events: Sender<VmEvent>,
+    mem: GuestMemoryMmap,
+    identity: VmIdentity,
+    commits: Vec<Arc<OutputCommit>>,
+    disks: Vec<PathBuf>,
+    status: Mutex<Status>,
+    running: AtomicBool,
+    /// The connection's writer, while a protection runs.
+    writer: Mutex<Option<TcpStream>>,
+    stopping: AtomicBool,
+}
+
+/// Protects one VM; cheap to clone.
+#[derive(Clone)]
+pub struct Protector {
+    inner: Arc<Inner>,
+}
+
+/// Errors starting a protection.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectError {
+    #[error("already {0}: one backup at a time")]
+    Busy(&'static str),
+    #[error("bad backup address '{0}': {1}")]
+    Address(String, String),
+}
+
+impl Protector {
+    /// Prepares protection of `vmm` (before it runs); nothing starts until
+    /// [`Protector::protect`].
+    pub fn new(vmm: &Vmm, opts: PrimaryOptions) -> Protector {
+        let devs = vmm.repl_devices();
+        let mut devices = Vec::new();
+        for n in &devs.nets {
+            devices.push(DeviceIdentity::Net { mac: n.mac });
+        }
+        for d in &devs.disks {
+            devices.push(DeviceIdentity::Disk {
+                size_bytes: d.size_bytes,
+                read_only: d.read_only,
+                id: d.id,
+            });
+        }
+        let identity = VmIdentity {
+            mem_mib: vmm.mem_mib(),
+            vcpus: vmm.vcpu_count() as u32,
+            devices,
+        };
+        Protector {
+            inner: Arc::new(Inner {
+                opts,
+                events: vmm.event_sender(),
+                mem: vmm.memory(),
+                identity,
+                commits: devs.nets.iter().map(|n| n.commit.clone()).collect(),
+                disks: devs.disks.iter().map(|d| d.path.clone()).collect(),
+                status: Mutex::new(Status {
+                    protected: "no",
+                    ..Status::default()
+                }),
+                running: AtomicBool::new(false),
+                writer: Mutex::new(None),
+                stopping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The `ctl protect` / `status` handler to install in the VMM.
+    pub fn hook(&self) -> Box<dyn ReplHook> {
+        Box::new(Hook(self.clone()))
+    }
+
+    /// Starts protecting to the backup at `addr` (in the background).
+    pub fn protect(&self, addr: &str) -> Result<(), ProtectError> {
+        let sa: SocketAddr = addr
+            .to_socket_addrs()
+            .map_err(|e| ProtectError::Address(addr.into(), e.to_string()))?
+            .next()
+            .ok_or_else(|| ProtectError::Address(addr.into(), "no address".into()))?;
+        if self.inner.running.swap(true, Ordering::AcqRel) {
+            let st = lock(&self.inner.status).protected;
+            return Err(ProtectError::Busy(if st == "yes" { "protected" } else { "syncing" }));
+        }
+        {
+            let mut st = lock(&self.inner.status);
+            st.protected = "syncing";
+            st.backup = addr.to_string();
+            st.last_error = None;
+            st.epoch = 0;
+            st.lag = 0;
+        }
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new().name("replication".into()).spawn(move || {
+            let why = replicate(&inner, sa);
+            unprotect(&inner, why);
+            inner.running.store(false, Ordering::Release);
+        });
+        if let Err(e) = spawned {
+            self.inner.running.store(false, Ordering::Release);
+            lock(&self.inner.status).protected = "no";
+            return Err(ProtectError::Address(
+                addr.into(),
+                format!("cannot start a thread: {e}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The guest ended on purpose (or the operator stopped it): tell the
+    /// backup not to take over.
+    pub fn shutdown(&self, reason: &str) {
+        self.inner.stopping.store(true, Ordering::Release);
+        if let Some(w) = lock(&self.inner.writer).as_mut() {
+            let mut out = Vec::new();
+            if (remora_proto::Message::Shutdown { reason: reason.into() })
+                .encode(&mut out)
+                .is_ok()
+            {
+                let _ = w.write_all(&out);
+            }
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        lock(&self.inner.status).clone()
+    }
+
+    /// `ctl status` text: `key=value` pairs.
+    pub fn status_line(&self) -> String {
+        let st = lock(&self.inner.status);
+        let held: u64 = self.inner.commits.iter().map(|c| c.held()).sum();
+        let mut s = format!(
+            "protected={} backup={} epoch={} pause_us={} pause_p99_us={} ckpt_bytes={} lag={} output_held={} backup_alive={}",
+            st.protected,
+            if st.backup.is_empty() { "-" } else { &st.backup },
+            st.epoch,
+            st.last_pause_us,
+            st.p99_pause(),
+            st.last_bytes,
+            st.lag,
+            held,
+            if st.backup_alive { "yes" } else { "no" },
+        );
+        if let Some(e) = &st.last_error {
+            s.push_str(&format!(" last_error=\"{}\"", e.replace('"', "'")));
+        }
+        s
+    }
+}
+
+struct Hook(Protector);
+
+impl ReplHook for Hook {
+    fn protect(&mut self, addr: &str) -> Result<String, String> {
+        self.0.protect(addr).map_err(|e| e.to_string())?;
+        Ok(format!("protecting to {addr} (initial sync running; see status)"))
+    }
+
+    fn status(&self) -> String {
+        self.0.status_line()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A request to the VMM's event loop.
+fn ask(inner: &Inner, req: ReplRequest) -> Result<ReplReply, String> {
+    let (tx, rx) = channel();
+    inner
+        .events
+        .send(VmEvent::Repl(req, tx))
+        .map_err(|_| "the VM has stopped".to_string())?;
+    rx.recv().map_err(|_| "the VM has stopped".to_string())?
+}
+
+/// Ends a protection: output flows freely again.
+fn unprotect(inner: &Inner, why: String) {
+    *lock(&inner.writer) = None;
+    let stopping = inner.stopping.load(Ordering::Acquire);
+    if let Err(e) = ask(inner, ReplRequest::Unprotect) {
+        tracing::debug!("unprotect: {e}");
+    }
+    let mut st = lock(&inner.status);
+    st.protected = "no";
+    st.backup_alive = false;
+    st.lag = 0;
+    if !stopping {
+        eprintln!(
+            "remora: protection to {} ended: {why}; the VM runs UNPROTECTED (held output released). Protect it again with 'remora ctl SOCKET protect ADDR:PORT'",
+            st.backup
+        );
+        tracing::error!(backup = %st.backup, "protection ended: {why}");
+        st.last_error = Some(why);
+    }
+}
+
+/// The whole protection; returns why it ended.
+fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
+    let opts = &inner.opts;
+    let stream = match TcpStream::connect_timeout(&addr, opts.connect_timeout) {
+        Ok(s) => s,
+        Err(e) => return format!("cannot connect to the backup at {addr}: {e}"),
+    };
+    let _ = stream.set_nodelay(true);
+    let hb = crate::heartbeat_interval(opts.heartbeat_timeout);
+    let session = PrimarySession::new(PrimaryConfig {
+        identity: inner.identity.clone(),
+        output: opts.output,
+        epoch_ms: opts.epoch.as_millis().min(u128::from(u32::MAX)) as u32,
+        heartbeat_interval: hb,
+        heartbeat_timeout: opts.heartbeat_timeout,
+    });
+    let mut session = match session {
+        Ok(s) => s,
+        Err(e) => return format!("cannot encode the hello: {e}"),
+    };
+    let (mut writer, mut reader) = match stream.try_clone() {
+        Ok(r) => (stream, r),
+        Err(e) => return format!("socket: {e}"),
+    };
+    // Hello, and the backup's answer.
+    let start = Instant::now();
+    while let Some(b) = session.poll_output() {
+        if let Err(e) = writer.write_all(&b) {
+            return format!("cannot send to the backup: {e}");
+        }
+    }
+    let _ = reader.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if start.elapsed() > opts.connect_timeout {
+            return format!(
+                "no answer from {addr} within {:?}: is it a remora backup?",
+                opts.connect_timeout
+            );
+        }
+        match reader.read(&mut buf) {
+            Ok(0) => session.handle_eof(),
+            Ok(n) => session.handle_input(start.elapsed(), &buf[..n]),
+            Err(e) if would_block(&e) => {}
+            Err(e) => return format!("reading from {addr}: {e}"),
+        }
+        match session.poll_event() {
+            Some(PrimaryEvent::Welcomed) => break,
+            Some(PrimaryEvent::Refused { reason }) => return format!("the backup refused: {reason}"),
+            Some(PrimaryEvent::BackupLost { why }) => return format!("{addr} is not a usable remora backup: {why}"),
+            _ => {}
+        }
+    }
+    eprintln!("remora: protect: connected to backup {addr}");
+    *lock(&inner.writer) = writer.try_clone().ok();
+    lock(&inner.status).backup_alive = true;
+    let (sender, receiver) = session.split();
+    let mut tx = Tx {
+        sender,
+        w: writer,
+        origin: start,
+    };
+
+    // Acknowledgements from now on.
+    let link = Arc::new((Mutex::new(Link::default()), Condvar::new()));
+    let reader_stop = Arc::new(AtomicBool::new(false));
+    let reader_thread = {
+        let (inner, link, stop) = (inner.clone(), link.clone(), reader_stop.clone());
+        std::thread::Builder::new()
+            .name("repl-reader".into())
+            .spawn(move || read_acks(&inner, reader, receiver, &link, &stop, start))
+    };
+    let reader_thread = match reader_thread {
+        Ok(t) => t,
+        Err(e) => return format!("cannot start the reader thread: {e}"),
+    };
+    let why = match sync_and_run(inner, &mut tx, &link) {
+        Ok(()) => "stopped".to_string(),
+        Err(e) => e,
+    };
+    reader_stop.store(true, Ordering::Release);
+    let _ = tx.w.shutdown(std::net::Shutdown::Both);
+    let _ = reader_thread.join();
+    why
+}
+
+/// The sending side of a protection: the protocol's sender half and the
+/// connection.
+struct Tx {
+    sender: PrimarySender,
+    w: TcpStream,
+    origin: Instant,
+}
+
+impl Tx {
+    /// Writes whatever the sender has (a heartbeat too, if one is due).
+    fn flush(&mut self, inner: &Inner) -> Result<(), String> {
+        self.sender.handle_timeout(self.origin.elapsed());
+        let _g = lock(&inner.writer);
+        while let Some(b) = self.sender.poll_output() {
+            self.w
+                .write_all(&b)
+                .map_err(|e| format!("sending to the backup: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn send_raw(&mut self, inner: &Inner, b: &[u8]) -> Result<(), String> {
+        let _g = lock(&inner.writer);
+        self.w.write_all(b).map_err(|e| format!("sending to the backup: {e}"))
+    }
+}
+
+fn would_block(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+}
+
+/// The reader thread: acknowledgements commit epochs; Nacks ask for a
+/// resend; silence or a closed connection fails the link.
+fn read_acks(
+    inner: &Inner,
+    mut r: TcpStream,
+    mut rx: PrimaryReceiver,
+    link: &(Mutex<Link>, Condvar),
+    stop: &AtomicBool,
+    origin: Instant,
+) {
+    let hb = crate::heartbeat_interval(inner.opts.heartbeat_timeout);
+    let _ = r.set_read_timeout(Some(hb));
+    let mut buf = vec![0u8; 64 << 10];
+    let fail = |why: String| {
+        let mut l = lock(&link.0);
+        if l.failed.is_none() {
+            l.failed = Some(why);
+        }
+        link.1.notify_all();
+    };
+    while !stop.load(Ordering::Acquire) {
+        match r.read(&mut buf) {
+            Ok(0) => {
+                rx.handle_eof();
+                fail("the backup closed the connection".into());
+                return;
+            }
+            Ok(n) => rx.handle_input(origin.elapsed(), &buf[..n]),
+            Err(e) if would_block(&e) => {}
+            Err(e) => {
+                fail(format!("replication link: {e}"));
+                return;
+            }
+        }
+        rx.handle_timeout(origin.elapsed());
+        while let Some(ev) = rx.poll_event() {
+            match ev {
+                PrimaryEvent::Acked { seq } => {
+                    let mut l = lock(&link.0);
+                    while l.inflight.front().is_some_and(|f| f.seq <= seq) {
+                        if let Some(f) = l.inflight.pop_front() {
+                            for (c, e) in inner.commits.iter().zip(&f.epochs) {
+                                if let Some(e) = e {
+                                    c.commit(*e);
+                                }
+                            }
+                        }
+                    }
+                    l.acked = l.acked.max(seq);
+                    let lag = l.inflight.len() as u64;
+                    link.1.notify_all();
+                    drop(l);
+                    let mut st = lock(&inner.status);
+                    if st.protected != "yes" {
+                        eprintln!(
+                            "remora: protect: VM protected by {} from checkpoint {seq} on",
+                            st.backup
+                        );
+                    }
+                    st.protected = "yes";
+                    st.epoch = seq;
+                    st.lag = lag;
+                    st.backup_alive = true;
+                }
+                PrimaryEvent::Nacked { seq, reason } => {
+                    tracing::warn!(seq, "backup refused checkpoint: {reason}; sending it again");
+                    eprintln!("remora: protect: backup refused checkpoint {seq} ({reason}); sending it again");
+                    let mut l = lock(&link.0);
+                    l.resend_from = Some(l.resend_from.map_or(seq, |s| s.min(seq)));
+                    link.1.notify_all();
+                    lock(&inner.status).nacks += 1;
+                }
+                PrimaryEvent::BackupLost { why } => {
+                    lock(&inner.status).backup_alive = false;
+                    fail(format!("backup lost: {why}"));
+                    return;
+                }
+                PrimaryEvent::Refused { reason } => {
+                    fail(format!("the backup refused: {reason}"));
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Pre-copy, then the epoch loop, until the link fails or the VM stops.
+fn sync_and_run(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Result<(), String> {
+    let failed = || lock(&link.0).failed.clone();
+    // Engines on every net path before the first checkpoint.
+    for c in &inner.commits {
+        if !c.has_engine() {
+            c.install(remora_spec::Engine::new(inner.opts.engine.clone()));
+        }
+    }
+    let ReplReply::Pages(populated) = ask(inner, ReplRequest::StartTracking)? else {
+        return Err("internal error: unexpected reply to StartTracking".into());
+    };
+    let t0 = Instant::now();
+    let mut progress = Progress::new();
+    send_pages(inner, tx, &populated, 0, &mut progress)?;
+    if let Some(e) = failed() {
+        return Err(e);
+    }
+    for (i, path) in inner.disks.iter().enumerate() {
+        precopy_disk(inner, tx, i as u32, path, &mut progress)?;
+    }
+    let mut rounds = 1;
+    loop {
+        let ReplReply::Pages(dirty) = ask(inner, ReplRequest::Harvest)? else {
+            return Err("internal error: unexpected reply to Harvest".into());
+        };
+        if dirty.len() <= PRECOPY_DONE_PAGES || rounds >= MAX_ROUNDS {
+            // What is left goes into the first checkpoint: put it back.
+            carry(inner, dirty)?;
+            break;
+        }
+        send_pages(inner, tx, &dirty, rounds, &mut progress)?;
+        rounds += 1;
+        if let Some(e) = failed() {
+            return Err(e);
+        }
+    }
+    tx.sender.precopy_done(rounds).map_err(|e| format!("encoding: {e}"))?;
+    tx.flush(inner)?;
+    eprintln!(
+        "remora: protect: pre-copy done: {} MiB in {rounds} rounds, {:.1} s, {:.0} MiB/s",
+        progress.bytes >> 20,
+        t0.elapsed().as_secs_f64(),
+        progress.bytes as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64().max(1e-3)
+    );
+    epoch_loop(inner, tx, link)
+}
+
+/// Puts pages that were harvested but not sent back into the VMM's dirty
+/// set, so the next checkpoint sends them.
+fn carry(inner: &Inner, pages: Vec<u64>) -> Result<(), String> {
+    ask(inner, ReplRequest::Carry { pages }).map(|_| ())
+}
+
+struct Progress {
+    bytes: u64,
+    last: Instant,
+    start: Instant,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            bytes: 0,
+            last: Instant::now(),
+            start: Instant::now(),
+        }
+    }
+
+    fn report(&mut self, what: &str, done: usize, total: usize, round: u32, force: bool) {
+        if !force && self.last.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.last = Instant::now();
+        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(100);
+        let rate = self.bytes as f64 / (1 << 20) as f64 / self.start.elapsed().as_secs_f64().max(1e-3);
+        eprintln!("remora: protect: pre-copy round {round}: {what} {pct}% ({done}/{total}), {rate:.0} MiB/s");
+    }
+}
+
+/// Sends guest pages (read live) as pre-copy messages.
+fn send_pages(inner: &Inner, tx: &mut Tx, pages: &[u64], round: u32, progress: &mut Progress) -> Result<(), String> {
+    let mut page = vec![0u8; 4096];
+    let mut chunk: Vec<(u64, Vec<u8>)> = Vec::with_capacity(PAGES_PER_MESSAGE);
+    for (i, gpa) in pages.chunks(PAGES_PER_MESSAGE).enumerate() {
+        chunk.clear();
+        for g in gpa {
+            if inner.mem.read_slice(&mut page, GuestAddress(*g)).is_ok() {
+                chunk.push((*g, page.clone()));
+            }
+        }
+        tx.sender
+            .precopy_pages(chunk.iter().map(|(g, p)| (*g, p.as_slice())))
+            .map_err(|e| format!("encoding pages: {e}"))?;
+        tx.flush(inner)?;
+        progress.bytes += (gpa.len() * 4096) as u64;
+        progress.report("memory", (i + 1) * PAGES_PER_MESSAGE, pages.len(), round, false);
+    }
+    progress.report("memory", pages.len(), pages.len(), round, true);
+    Ok(())
+}
+
+/// Sends a disk's allocated extents (SEEK_DATA/SEEK_HOLE).
+fn precopy_disk(inner: &Inner, tx: &mut Tx, disk: u32, path: &PathBuf, progress: &mut Progress) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|e| format!("disk {}: {e}", path.display()))?;
+    let len = f.metadata().map_err(|e| format!("disk {}: {e}", path.display()))?.len();
+    let fd = f.as_raw_fd();
+    let mut off: u64 = 0;
+    let mut buf = vec![0u8; DISK_CHUNK];
+    let mut sent = 0u64;
+    while off < len {
+        // SAFETY: plain lseek on a file descriptor we own.
+        let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // no more data (ENXIO) or no SEEK_DATA: stop at what we have
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let (start, end) = (data as u64, if hole < 0 { len } else { (hole as u64).min(len) });
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(DISK_CHUNK);
+            f.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| format!("reading disk {}: {e}", path.display()))?;
+            tx.sender
+                .precopy_disk(disk, at, &buf[..n])
+                .map_err(|e| format!("encoding disk data: {e}"))?;
+            tx.flush(inner)?;
+            at += n as u64;
+            sent += n as u64;
+            progress.bytes += n as u64;
+            progress.report("disk", (sent >> 20) as usize, (len >> 20) as usize, 0, false);
+        }
+        off = end;
+    }
+    Ok(())
+}
+
+/// One checkpoint per epoch until the link fails or the VM stops.
+fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Result<(), String> {
+    let opts = &inner.opts;
+    let hb = crate::heartbeat_interval(opts.heartbeat_timeout);
+    let mut seq: u64 = 1;
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut next = Instant::now();
+    loop {
+        if inner.stopping.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Refused checkpoints (and every later one) go again, in order.
+        let resend: Vec<Vec<u8>> = {
+            let mut l = lock(&link.0);
+            if let Some(e) = &l.failed {
+                return Err(e.clone());
+            }
+            match l.resend_from.take() {
+                Some(from) => l
+                    .inflight
+                    .iter()
+                    .filter(|f| f.seq >= from)
+                    .map(|f| f.bytes.clone())
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        for b in resend {
+            tx.send_raw(inner, &b)?;
+        }
+        // At most max_in_flight unacknowledged: the epoch stretches.
+        {
+            let mut l = lock(&link.0);
+            while l.inflight.len() >= opts.max_in_flight && l.failed.is_none() && l.resend_from.is_none() {
+                let (g, to) = link.1.wait_timeout(l, hb).unwrap_or_else(|p| p.into_inner());
+                l = g;
+                if to.timed_out() {
+                    drop(l);
+                    tx.flush(inner)?;
+                    l = lock(&link.0);
+                }
+            }
+            if l.resend_from.is_some() {
+                continue;
+            }
+        }
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        next = Instant::now() + opts.epoch;
+        let buf = pool.pop().unwrap_or_default();
+        let reply = ask(
+            inner,
+            ReplRequest::Checkpoint {
+                seq,
+                buf,
+                protect: seq == 1,
+            },
+        )?;
+        let ReplReply::Checkpoint(ckpt) = reply else {
+            return Err("internal error: unexpected reply to Checkpoint".into());
+        };
+        let ckpt = *ckpt;
+        let (bytes, epochs) = encode_checkpoint(&mut tx.sender, &ckpt)?;
+        {
+            let mut st = lock(&inner.status);
+            st.last_pause_us = ckpt.pause_us;
+            st.pauses.push_back(ckpt.pause_us);
+            if st.pauses.len() > 1000 {
+                st.pauses.pop_front();
+            }
+            st.last_bytes = bytes.len() as u64;
+        }
+        pool.push(ckpt.pages.into_buffer());
+        let copy = bytes.clone();
+        {
+            let mut l = lock(&link.0);
+            l.inflight.push_back(InFlight { seq, epochs, bytes });
+            lock(&inner.status).lag = l.inflight.len() as u64;
+        }
+        tx.send_raw(inner, &copy)?;
+        tx.flush(inner)?;
+        seq += 1;
+    }
+}
+
+/// A checkpoint's bytes on the wire, and the epoch it seals in each net.
+fn encode_checkpoint(session: &mut PrimarySender, c: &Checkpoint) -> Result<(Vec<u8>, Vec<Option<EpochId>>), String> {
+    let state = remora_vmstate::format::encode(STATE_KIND, &c.state).map_err(|e| format!("encoding state: {e}"))?;
+    let engines: Vec<(u32, Vec<u8>)> = c
+        .engines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            s.as_ref().map(|s| {
+                let mut b = Vec::new();
+                b.extend_from_slice(&(s.at.as_nanos() as u64).to_le_bytes());
+                b.extend_from_slice(&s.epoch.0.to_le_bytes());
+                b.extend_from_slice(&s.delta.encode());
+                (i as u32, b)
+            })
+        })
+        .collect();
+    let epochs: Vec<Option<EpochId>> = c.engines.iter().map(|s| s.as_ref().map(|s| s.epoch)).collect();
+    let disk_writes: u64 = c.disks.iter().map(|d| d.len() as u64).sum();
+    let epoch = epochs.iter().flatten().next().map_or(0, |e| e.0);
+    session
+        .begin_checkpoint(
+            c.seq,
+            epoch,
+            remora_proto::CkptCounts {
+                pages: c.pages.pages.len() as u64,
+                state_len: state.len() as u64,
+                engines: engines.len() as u32,
+                disk_writes,
+            },
+        )
+        .map_err(|e| format!("encoding: {e}"))?;
+    let n = c.pages.pages.len();
+    let mut i = 0;
+    while i < n {
+        let end = (i + PAGES_PER_MESSAGE).min(n);
+        session
+            .pages((i..end).map(|k| (c.pages.pages[k], c.pages.page(k))))
+            .map_err(|e| format!("encoding pages: {e}"))?;
+        i = end;
+    }
+    session.state(&state).map_err(|e| format!("encoding state: {e}"))?;
+    for (net, b) in &engines {
+        session.engine(*net, b).map_err(|e| format!("encoding engine: {e}"))?;
+    }
+    for (disk, writes) in c.disks.iter().enumerate() {
+        for wr in writes {
+            session
+                .disk_write(disk as u32, wr.offset, &wr.data)
+                .map_err(|e| format!("encoding disk write: {e}"))?;
+        }
+    }
+    session.end_checkpoint().map_err(|e| format!("encoding: {e}"))?;
+    let mut bytes = Vec::new();
+    while let Some(b) = session.poll_output() {
+        bytes.extend_from_slice(&b);
+    }
+    Ok((bytes, epochs))
+}

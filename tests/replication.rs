@@ -1,0 +1,727 @@
+//! Replication and failover end to end: a protected test guest on a
+//! primary host (network namespace), a backup host, a client on the LAN
+//! with real Linux TCP, and real processes killed with SIGKILL.
+//!
+//! Topology (remora-netlab's `HaLan`): client -- LAN bridge -- primary's
+//! TAP / backup's TAP, and a separate replication link between the hosts.
+
+mod common;
+
+use common::*;
+use remora_netlab::{HaLan, LanPort, BACKUP_REPL_IP, GUEST_IP};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+const MAC: &str = "52:54:00:12:34:56";
+const MIB: usize = 1 << 20;
+/// Each test process picks its own ports.
+static PORT: AtomicU16 = AtomicU16::new(0);
+
+fn next_port() -> u16 {
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    base + PORT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A primary and a backup on an `HaLan`.
+struct Pair {
+    lan: HaLan,
+    dir: PathBuf,
+    primary: Option<Running>,
+    backup: Option<Running>,
+    psock: PathBuf,
+    bsock: PathBuf,
+    port: u16,
+}
+
+struct Opts<'a> {
+    workloads: &'a str,
+    output: &'a str,
+    /// Disk size in MiB (0: no disk).
+    disk_mib: u64,
+    vcpus: u32,
+}
+
+impl Pair {
+    fn new(tag: &str) -> Pair {
+        require_kvm();
+        let lan = HaLan::new(tag).expect("namespaces");
+        let dir = std::env::temp_dir().join(format!("remora-repl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Pair {
+            psock: dir.join("primary.sock"),
+            bsock: dir.join("backup.sock"),
+            lan,
+            dir,
+            primary: None,
+            backup: None,
+            port: next_port(),
+        }
+    }
+
+    fn disk(&self, name: &str, mib: u64) -> PathBuf {
+        let p = self.dir.join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(mib << 20).unwrap();
+        p
+    }
+
+    fn backup_addr(&self) -> String {
+        format!("{BACKUP_REPL_IP}:{}", self.port)
+    }
+
+    /// Starts a backup (waits for it to listen).
+    fn start_backup(&mut self, o: &Opts) {
+        let mut args: Vec<String> = vec![
+            "backup".into(),
+            "--listen".into(),
+            self.backup_addr(),
+            "--net".into(),
+            format!("tap={},mac={MAC}", self.lan.tap),
+            "--control".into(),
+            self.bsock.display().to_string(),
+        ];
+        if o.disk_mib > 0 {
+            let d = self.disk("backup.img", o.disk_mib);
+            args.extend(["--disk".into(), d.display().to_string()]);
+        }
+        let mut cmd = self.lan.backup.command(remora_bin().to_str().unwrap());
+        cmd.args(&args);
+        self.backup = Some(spawn(&mut cmd));
+        // The listener is up once the backup's namespace lists it.
+        let port = format!(":{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self
+                .lan
+                .backup
+                .exec("ss", &["-ltnH"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            if out.is_ok_and(|o| o.contains(&port)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the backup never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Boots the protected primary and waits until it is protected.
+    fn start_primary(&mut self, o: &Opts) {
+        let guest = guest_bin();
+        let cmdline = format!("workload={} ip={GUEST_IP}/24", o.workloads);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--kernel".into(),
+            guest.display().to_string(),
+            "--cmdline".into(),
+            cmdline,
+            "--vcpus".into(),
+            o.vcpus.to_string(),
+            "--mem".into(),
+            "256".into(),
+            "--net".into(),
+            format!("tap={},mac={MAC}", self.lan.tap),
+            "--control".into(),
+            self.psock.display().to_string(),
+            "--protect".into(),
+            self.backup_addr(),
+            "--output".into(),
+            o.output.into(),
+        ];
+        if o.disk_mib > 0 {
+            let d = self.disk("primary.img", o.disk_mib);
+            args.extend(["--disk".into(), d.display().to_string()]);
+        }
+        let mut cmd = self.lan.primary.command(remora_bin().to_str().unwrap());
+        cmd.args(&args);
+        let mut p = spawn(&mut cmd);
+        p.wait_line("remora-guest: net up", Duration::from_secs(30))
+            .expect("primary guest network up");
+        self.primary = Some(p);
+        wait_status(&self.psock, "protected=yes", Duration::from_secs(60));
+    }
+
+    fn kill_primary(&mut self) -> Run {
+        let p = self.primary.take().expect("a primary");
+        p.signal(libc::SIGKILL);
+        p.finish(Duration::from_secs(5))
+    }
+
+    fn backup(&mut self) -> &mut Running {
+        self.backup.as_mut().expect("a backup")
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for r in [self.primary.take(), self.backup.take()].into_iter().flatten() {
+            r.signal(libc::SIGKILL);
+            let _ = r.finish(Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `ctl status` until its line contains `want`.
+fn wait_status(sock: &Path, want: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let (ok, out) = ctl(sock, &["status"]);
+        if ok && out.contains(want) {
+            return out;
+        }
+        last = out;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("status never showed '{want}': {last}");
+}
+
+/// The value of `key=` in a line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(key)
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("")
+}
+
+/// Client -> guest sink: `total` bytes of a deterministic stream, paced at
+/// about `mib_s` MiB/s; returns its SHA-256.
+fn sink_stream(lan: &HaLan, port: u16, total: usize, mib_s: u64) -> std::thread::JoinHandle<std::io::Result<String>> {
+    lan.client.spawn_thread(move || {
+        let mut c = TcpStream::connect((GUEST_IP, port))?;
+        let mut h = Sha256::new();
+        let mut chunk = vec![0u8; 256 << 10];
+        let mut k = 0x5eed_u64 << 32;
+        let t0 = Instant::now();
+        let mut sent = 0usize;
+        while sent < total {
+            fill_splitmix(&mut chunk, &mut k);
+            c.write_all(&chunk)?;
+            h.update(&chunk);
+            sent += chunk.len();
+            let due = Duration::from_secs_f64(sent as f64 / (mib_s as f64 * MIB as f64));
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        c.shutdown(Shutdown::Write)?;
+        let _ = c.read_to_end(&mut Vec::new());
+        Ok(hex(&h.finalize()))
+    })
+}
+
+/// Guest source -> client: reads everything at about `mib_s` MiB/s;
+/// returns (bytes, SHA-256). A reset is an error.
+fn source_stream(lan: &HaLan, port: u16, mib_s: u64) -> std::thread::JoinHandle<std::io::Result<(u64, String)>> {
+    lan.client.spawn_thread(move || {
+        let mut s = TcpStream::connect((GUEST_IP, port))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut n = 0u64;
+        let t0 = Instant::now();
+        loop {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            n += k as u64;
+            let due = Duration::from_secs_f64(n as f64 / (mib_s as f64 * MIB as f64));
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok((n, hex(&h.finalize())))
+    })
+}
+
+/// A pseudo-random number from the clock (the seed is printed).
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    splitmix64(s ^ u64::from(std::process::id()))
+}
+
+/// Streams 256 MiB each way through a protected guest, kills the primary
+/// `kill_after` into the streams, and checks both streams finish exactly on
+/// the backup, with no reset, and that no guest ACK of an uncommitted
+/// epoch reached the client.
+fn failover_trial(tag: &str, output: &str, kill_after: Duration) {
+    const TOTAL: usize = 256 << 20;
+    let mut pair = Pair::new(tag);
+    let o = Opts {
+        workloads: "sink:5001,source:5002:256",
+        output,
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    eprintln!("{tag}: backup listening");
+    pair.start_primary(&o);
+    eprintln!("{tag}: primary protected");
+    let cap = pair.lan.capture_lan().expect("LAN capture");
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 48);
+    let source = source_stream(&pair.lan, 5002, 48);
+    std::thread::sleep(kill_after);
+    let status = ctl(&pair.psock, &["status"]).1;
+    let killed_at = Instant::now();
+    let dead = pair.kill_primary();
+    assert!(
+        dead.line("remora-guest: sink port=5001").is_none() && dead.line("remora-guest: source").is_none(),
+        "a stream ended before the kill: test too short\n{}",
+        dead.stdout()
+    );
+    eprintln!("{tag}: primary killed");
+    let b = pair.backup();
+    let sink_line = b.wait_line("remora-guest: sink port=5001", Duration::from_secs(60));
+    eprintln!("{tag}: sink line {sink_line:?}");
+    let want = sink.join().unwrap();
+    let got = source.join().unwrap();
+    let frames = cap.stop();
+    let backup = pair.backup.take().unwrap();
+    backup.signal(libc::SIGTERM);
+    let run = backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "status before the kill: {status}\n--- backup stderr:\n{}\n--- backup console:\n{}\n--- primary stderr:\n{}",
+        run.stderr,
+        run.stdout(),
+        dead.stderr
+    );
+    let want = want.unwrap_or_else(|e| panic!("client sink stream failed: {e}\n{diag}"));
+    let (n, sha) = got.unwrap_or_else(|e| panic!("client source stream failed (reset?): {e}\n{diag}"));
+    let (_, line) = sink_line.unwrap_or_else(|| panic!("the backup never finished the sink stream\n{diag}"));
+    assert_eq!(field(&line, "bytes="), TOTAL.to_string(), "{line}\n{diag}");
+    assert_eq!(field(&line, "sha256="), want, "sink stream corrupted\n{diag}");
+    assert_eq!(n, TOTAL as u64, "source stream length\n{diag}");
+    assert_eq!(
+        sha,
+        splitmix_stream_sha(0, TOTAL as u64),
+        "source stream corrupted\n{diag}"
+    );
+    assert!(run.stderr.contains("remora backup: failover:"), "{diag}");
+
+    // One active copy: every frame with the guest's MAC that the primary's
+    // host emitted precedes every one the backup's host emitted. (Output
+    // commit of the guest's ACKs is proven by the sink stream above: an
+    // ACK released ahead of the backup's checkpoint would free client data
+    // the resumed guest never got, and the stream could not finish exact.)
+    let mac = parse_mac(MAC);
+    let last_primary = frames
+        .iter()
+        .filter(|f| f.port == LanPort::Primary && f.src_mac == mac)
+        .map(|f| f.at)
+        .max();
+    let first_backup = frames
+        .iter()
+        .filter(|f| f.port == LanPort::Backup && f.src_mac == mac)
+        .map(|f| f.at)
+        .min();
+    let dump = |port: LanPort, last: bool| {
+        let v: Vec<String> = frames
+            .iter()
+            .filter(|f| f.port == port && f.src_mac == mac)
+            .filter_map(|f| f.tcp.map(|t| (f.at, t)))
+            .map(|(at, t)| {
+                format!(
+                    "{:?} {} seq={} ack={} flags={:#x} len={}",
+                    at.saturating_duration_since(killed_at),
+                    t.src.port(),
+                    t.seq,
+                    t.ack,
+                    t.flags,
+                    t.payload_len
+                )
+            })
+            .collect();
+        let n = v.len();
+        if last {
+            v[n.saturating_sub(8)..].join("\n")
+        } else {
+            v[..n.min(8)].join("\n")
+        }
+    };
+    let diag = format!(
+        "{diag}\n--- last primary frames:\n{}\n--- first backup frames:\n{}",
+        dump(LanPort::Primary, true),
+        dump(LanPort::Backup, false)
+    );
+    let (Some(lp), Some(fb)) = (last_primary, first_backup) else {
+        panic!(
+            "the capture did not see both hosts emit ({} frames)\n{diag}",
+            frames.len()
+        );
+    };
+    assert!(lp < fb, "both hosts emitted with the guest's MAC at once\n{diag}");
+    assert!(
+        fb > killed_at,
+        "the backup emitted before the primary was killed\n{diag}"
+    );
+    eprintln!(
+        "{tag}: kill after {kill_after:?}: first frame from the backup {:?} after the kill",
+        fb - killed_at
+    );
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, p) in s.split(':').enumerate() {
+        m[i] = u8::from_str_radix(p, 16).unwrap();
+    }
+    m
+}
+
+fn kill_trials(output: &str, trials: u32) {
+    let s = seed();
+    eprintln!("{output}: seed {s:#x}");
+    for i in 0..trials {
+        // Kill somewhere in the first 3.5 s of ~5.5 s streams.
+        let ms = 300 + splitmix64(s ^ u64::from(i)) % 3200;
+        failover_trial(&format!("k{}{i}", &output[..1]), output, Duration::from_millis(ms));
+    }
+}
+
+#[test]
+fn kill_primary_speculative_streams_exact() {
+    kill_trials("speculative", 5);
+}
+
+#[test]
+fn kill_primary_buffered_streams_exact() {
+    kill_trials("buffered", 5);
+}
+
+/// diskloop and the memory checker on 2 vCPUs across a failover.
+#[test]
+fn disk_and_memory_survive_failover() {
+    let mut pair = Pair::new("dm");
+    let o = Opts {
+        workloads: "mem:64,diskloop:8,sink:5001",
+        output: "speculative",
+        disk_mib: 16,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    let p = pair.primary.as_mut().unwrap();
+    p.wait_line("remora-guest: diskloop ok rounds=2", Duration::from_secs(60))
+        .expect("diskloop runs on the primary");
+    p.wait_line("remora-guest: mem ok", Duration::from_secs(30))
+        .expect("memory checker runs");
+    std::thread::sleep(Duration::from_millis(700));
+    let dead = pair.kill_primary();
+    let rounds_before: u64 = dead
+        .lines
+        .iter()
+        .filter_map(|(_, l)| l.split("diskloop ok rounds=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    let b = pair.backup();
+    let next = format!("remora-guest: diskloop ok rounds={}", rounds_before + 2);
+    let more = b.wait_line(&next, Duration::from_secs(90));
+    let mem = b.wait_line("remora-guest: mem ok", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    let backup = pair.backup.take().unwrap();
+    backup.signal(libc::SIGTERM);
+    let run = backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "--- backup stderr:\n{}\n--- backup console:\n{}",
+        run.stderr,
+        run.stdout()
+    );
+    assert!(more.is_some(), "diskloop did not continue on the backup\n{diag}");
+    assert!(mem.is_some(), "memory checker did not continue\n{diag}");
+    assert!(!run.stdout().contains("MISMATCH"), "{diag}");
+    assert!(!run.stdout().contains("error"), "{diag}");
+}
+
+/// Killing the backup leaves the primary running unprotected (streams
+/// exact); a new backup protects it again; then the primary dies and the
+/// new backup finishes the stream.
+#[test]
+fn lost_backup_then_reprotect_then_failover() {
+    const TOTAL: usize = 192 << 20;
+    let mut pair = Pair::new("rp");
+    let o = Opts {
+        workloads: "sink:5001",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
+    std::thread::sleep(Duration::from_millis(1500));
+    let first = pair.backup.take().unwrap();
+    first.signal(libc::SIGKILL);
+    let _ = first.finish(Duration::from_secs(5));
+    let st = wait_status(&pair.psock, "protected=no", Duration::from_secs(5));
+    assert!(st.contains("last_error="), "status should say why: {st}");
+    // A new backup on another port.
+    pair.port = next_port();
+    pair.start_backup(&o);
+    let (ok, out) = ctl(&pair.psock, &["protect", &pair.backup_addr()]);
+    assert!(ok, "ctl protect: {out}");
+    let (ok, out) = ctl(&pair.psock, &["protect", &pair.backup_addr()]);
+    assert!(
+        !ok && out.contains("already"),
+        "a second protect must be refused: {out}"
+    );
+    wait_status(&pair.psock, "protected=yes", Duration::from_secs(60));
+    let (ok, json) = ctl(&pair.psock, &["status", "--json"]);
+    assert!(
+        ok && json.contains("\"protected\":\"yes\"") && json.contains("\"epoch\":"),
+        "{json}"
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let dead = pair.kill_primary();
+    assert!(dead.line("remora-guest: sink").is_none(), "stream ended too early");
+    let line = pair
+        .backup()
+        .wait_line("remora-guest: sink port=5001", Duration::from_secs(120));
+    let want = sink.join().unwrap();
+    let backup = pair.backup.take().unwrap();
+    backup.signal(libc::SIGTERM);
+    let run = backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "--- backup stderr:\n{}\n--- primary stderr:\n{}",
+        run.stderr, dead.stderr
+    );
+    let want = want.unwrap_or_else(|e| panic!("client: {e}\n{diag}"));
+    let (_, line) = line.unwrap_or_else(|| panic!("no sink line on the new backup\n{diag}"));
+    assert_eq!(field(&line, "sha256="), want, "{diag}");
+    assert!(dead.stderr.contains("UNPROTECTED"), "{diag}");
+}
+
+/// One corrupted byte on the replication link: the backup refuses that
+/// checkpoint, keeps the last good one, the primary sends it again, and a
+/// failover afterwards is exact.
+#[test]
+fn corrupt_checkpoint_is_refused_and_failover_stays_exact() {
+    const TOTAL: usize = 192 << 20;
+    let mut pair = Pair::new("cp");
+    let o = Opts {
+        workloads: "sink:5001",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    // The primary talks to a proxy in its own namespace.
+    let target: std::net::SocketAddr = pair.backup_addr().parse().unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", pair.port + 1000).parse().unwrap();
+    let proxy = remora_netlab::CorruptProxy::start(&pair.lan.primary, listen, target).expect("proxy");
+    let real = pair.port;
+    // start_primary protects to backup_addr(): point it at the proxy.
+    let guest = guest_bin();
+    let mut cmd = pair.lan.primary.command(remora_bin().to_str().unwrap());
+    cmd.args([
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        &format!("workload=sink:5001 ip={GUEST_IP}/24"),
+        "--vcpus",
+        "2",
+        "--mem",
+        "256",
+        "--net",
+        &format!("tap={},mac={MAC}", pair.lan.tap),
+        "--control",
+        pair.psock.to_str().unwrap(),
+        "--protect",
+        &proxy.local_addr().to_string(),
+    ]);
+    let mut p = spawn(&mut cmd);
+    p.wait_line("remora-guest: net up", Duration::from_secs(30))
+        .expect("net up");
+    pair.primary = Some(p);
+    wait_status(&pair.psock, "protected=yes", Duration::from_secs(60));
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
+    std::thread::sleep(Duration::from_millis(500));
+    // A byte 64 KiB further on: inside a checkpoint's pages while the
+    // stream dirties receive buffers.
+    proxy.corrupt_at(proxy.forwarded() + (64 << 10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.corrupted().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(proxy.corrupted().is_some(), "the proxy never corrupted a byte");
+    std::thread::sleep(Duration::from_millis(800));
+    let st = ctl(&pair.psock, &["status"]).1;
+    let dead = pair.kill_primary();
+    let line = pair
+        .backup()
+        .wait_line("remora-guest: sink port=5001", Duration::from_secs(120));
+    let want = sink.join().unwrap();
+    let backup = pair.backup.take().unwrap();
+    backup.signal(libc::SIGTERM);
+    let run = backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "status: {st}\n--- backup stderr:\n{}\n--- primary stderr:\n{}",
+        run.stderr, dead.stderr
+    );
+    let _ = real;
+    assert!(
+        run.stderr.contains("refused checkpoint") || run.stderr.contains("protocol error"),
+        "the backup did not notice the corruption\n{diag}"
+    );
+    let want = want.unwrap_or_else(|e| panic!("client: {e}\n{diag}"));
+    let (_, line) = line.unwrap_or_else(|| panic!("no sink line on the backup\n{diag}"));
+    assert_eq!(field(&line, "sha256="), want, "{diag}");
+}
+
+/// Bad input: clear errors, exit codes, nothing lost.
+#[test]
+fn bad_input_is_refused_clearly() {
+    let mut pair = Pair::new("bi");
+    // No --listen.
+    let r = run_remora(&["backup", "--net", "tap=x"], Duration::from_secs(10));
+    assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+    // A TAP that does not exist on the backup host.
+    let r = {
+        let mut c = pair.lan.backup.command(remora_bin().to_str().unwrap());
+        c.args(["backup", "--listen", "127.0.0.1:1", "--net", "tap=nosuchtap0"]);
+        let run = spawn(&mut c);
+        run.finish(Duration::from_secs(10))
+    };
+    assert_eq!(r.status.code(), Some(1));
+    assert!(r.stderr.contains("TAP 'nosuchtap0' does not exist"), "{}", r.stderr);
+    // A missing disk.
+    let r = {
+        let mut c = pair.lan.backup.command(remora_bin().to_str().unwrap());
+        c.args(["backup", "--listen", "127.0.0.1:1", "--disk", "/nonexistent/disk.img"]);
+        spawn(&mut c).finish(Duration::from_secs(10))
+    };
+    assert_eq!(r.status.code(), Some(1));
+    assert!(r.stderr.contains("/nonexistent/disk.img"), "{}", r.stderr);
+
+    // A backup whose disk is smaller than the primary's: the primary is
+    // refused at connect time, runs on unprotected, and says why.
+    let o = Opts {
+        workloads: "sink:5001",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 1,
+    };
+    let small = pair.disk("small.img", 8);
+    let big = pair.disk("big.img", 16);
+    let mut c = pair.lan.backup.command(remora_bin().to_str().unwrap());
+    c.args([
+        "backup",
+        "--listen",
+        &pair.backup_addr(),
+        "--net",
+        &format!("tap={},mac={MAC}", pair.lan.tap),
+        "--disk",
+        small.to_str().unwrap(),
+    ]);
+    pair.backup = Some(spawn(&mut c));
+    std::thread::sleep(Duration::from_millis(500));
+    let guest = guest_bin();
+    let mut c = pair.lan.primary.command(remora_bin().to_str().unwrap());
+    c.args([
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        &format!("workload={} ip={GUEST_IP}/24", o.workloads),
+        "--net",
+        &format!("tap={},mac={MAC}", pair.lan.tap),
+        "--disk",
+        big.to_str().unwrap(),
+        "--control",
+        pair.psock.to_str().unwrap(),
+        "--protect",
+        &pair.backup_addr(),
+    ]);
+    let mut p = spawn(&mut c);
+    p.wait_line("remora-guest: net up", Duration::from_secs(30))
+        .expect("net up");
+    pair.primary = Some(p);
+    let st = wait_status(&pair.psock, "last_error=", Duration::from_secs(20));
+    assert!(st.contains("protected=no") && st.contains("size differs"), "{st}");
+
+    // A second primary while the backup serves one is refused as busy: use
+    // a fresh backup with a matching disk.
+    let b = pair.backup.take().unwrap();
+    b.signal(libc::SIGKILL);
+    let _ = b.finish(Duration::from_secs(5));
+    pair.port = next_port();
+    let mut c = pair.lan.backup.command(remora_bin().to_str().unwrap());
+    c.args([
+        "backup",
+        "--listen",
+        &pair.backup_addr(),
+        "--net",
+        &format!("tap={},mac={MAC}", pair.lan.tap),
+        "--disk",
+        pair.disk("match.img", 16).to_str().unwrap(),
+    ]);
+    pair.backup = Some(spawn(&mut c));
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out) = ctl(&pair.psock, &["protect", &pair.backup_addr()]);
+    assert!(ok, "{out}");
+    wait_status(&pair.psock, "protected=yes", Duration::from_secs(60));
+    let addr = pair.backup_addr();
+    let busy = pair.lan.primary.spawn_thread(move || {
+        let mut s = TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut v = Vec::new();
+        let _ = s.read_to_end(&mut v);
+        Ok(String::from_utf8_lossy(&v).into_owned())
+    });
+    let reply = busy.join().unwrap().unwrap();
+    assert!(reply.contains("busy"), "second primary: {reply:?}");
+    // The first primary is still protected.
+    wait_status(&pair.psock, "protected=yes", Duration::from_secs(2));
+
+    // A primary pointed at something that is not a backup.
+    let not_backup: std::net::SocketAddr = format!("{BACKUP_REPL_IP}:{}", pair.port + 2000).parse().unwrap();
+    let junk = pair.lan.backup.spawn_thread(move || {
+        let l = std::net::TcpListener::bind(not_backup)?;
+        let (mut s, _) = l.accept()?;
+        s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n")?;
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = pair.lan.primary.command(remora_bin().to_str().unwrap());
+    let sock2 = pair.dir.join("p2.sock");
+    c.args([
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "workload=sink:5001 ip=10.0.0.3/24",
+        "--net",
+        "tap=tap9",
+        "--control",
+        sock2.to_str().unwrap(),
+        "--protect",
+        &not_backup.to_string(),
+    ]);
+    let mut p2 = spawn(&mut c);
+    p2.wait_line("remora-guest: net up", Duration::from_secs(30))
+        .expect("net up");
+    let st = wait_status(&sock2, "last_error=", Duration::from_secs(20));
+    assert!(st.contains("protected=no") && st.contains("backup"), "{st}");
+    p2.signal(libc::SIGTERM);
+    let r2 = p2.finish(Duration::from_secs(10));
+    assert!(r2.status.success(), "{}", r2.stderr);
+    let _ = junk.join();
+}
+
+#[test]
+#[ignore]
+fn smoke() {
+    failover_trial("sm", "speculative", Duration::from_millis(1500));
+}
