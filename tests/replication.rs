@@ -142,7 +142,18 @@ impl Pair {
         p.wait_line("remora-guest: net up", Duration::from_secs(30))
             .expect("primary guest network up");
         self.primary = Some(p);
-        wait_status(&self.psock, "protected=yes", Duration::from_secs(60));
+        if let Err(st) = try_wait_status(&self.psock, "protected=yes", Duration::from_secs(60)) {
+            let p = self.primary.take().unwrap();
+            p.signal(libc::SIGKILL);
+            let p = p.finish(Duration::from_secs(5));
+            let b = self.backup.take().unwrap();
+            b.signal(libc::SIGKILL);
+            let b = b.finish(Duration::from_secs(5));
+            panic!(
+                "never protected: {st}\n--- primary stderr:\n{}\n--- backup stderr:\n{}",
+                p.stderr, b.stderr
+            );
+        }
     }
 
     fn kill_primary(&mut self) -> Run {
@@ -168,17 +179,21 @@ impl Drop for Pair {
 
 /// Polls `ctl status` until its line contains `want`.
 fn wait_status(sock: &Path, want: &str, timeout: Duration) -> String {
+    try_wait_status(sock, want, timeout).unwrap_or_else(|last| panic!("status never showed '{want}': {last}"))
+}
+
+fn try_wait_status(sock: &Path, want: &str, timeout: Duration) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
         let (ok, out) = ctl(sock, &["status"]);
         if ok && out.contains(want) {
-            return out;
+            return Ok(out);
         }
         last = out;
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("status never showed '{want}': {last}");
+    Err(last)
 }
 
 /// The value of `key=` in a line.
@@ -724,4 +739,29 @@ fn bad_input_is_refused_clearly() {
 #[ignore]
 fn smoke() {
     failover_trial("sm", "speculative", Duration::from_millis(1500));
+}
+
+#[test]
+#[ignore]
+fn watch_status() {
+    let mut pair = Pair::new("ws");
+    let w = std::env::var("WL").unwrap_or("mem:64,diskloop:8,sink:5001".into());
+    let o = Opts {
+        workloads: &w,
+        output: "speculative",
+        disk_mib: 16,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    for _ in 0..40 {
+        eprintln!("{}", ctl(&pair.psock, &["status"]).1);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let p = pair.primary.take().unwrap();
+    p.signal(libc::SIGTERM);
+    let p = p.finish(Duration::from_secs(5));
+    let b = pair.backup.take().unwrap();
+    let b = b.finish(Duration::from_secs(5));
+    eprintln!("--- primary:\n{}\n--- backup:\n{}", p.stderr, b.stderr);
 }

@@ -235,7 +235,7 @@ fn watch(
     let hb = crate::heartbeat_interval(opts.heartbeat_timeout);
     let _ = stream.set_read_timeout(Some(hb.min(Duration::from_millis(10))));
     let origin = Instant::now();
-    let mut session = BackupSession::new(BackupConfig {
+    let session = BackupSession::new(BackupConfig {
         identity: VmIdentity {
             mem_mib: 0,
             vcpus: 0,
@@ -244,6 +244,29 @@ fn watch(
         heartbeat_interval: hb,
         heartbeat_timeout: opts.heartbeat_timeout,
     });
+    let link = match stream.try_clone() {
+        Ok(w) => crate::beacon::Link::new(w),
+        Err(e) => {
+            tracing::warn!("replication link from {peer}: {e}");
+            return Ok(None);
+        }
+    };
+    let _ = link.start_beacon(hb);
+    let r = watch_link(opts, disks, &mut stream, peer, &link, session, origin);
+    link.close();
+    r
+}
+
+#[allow(clippy::type_complexity)]
+fn watch_link(
+    _opts: &BackupOptions,
+    disks: &mut [File],
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    link: &crate::beacon::Link,
+    mut session: BackupSession,
+    origin: Instant,
+) -> Result<Option<(Standby, String, Instant)>, Watch> {
     let mut standby: Option<Standby> = None;
     let mut buf = vec![0u8; 1 << 20];
     let mut last_rx = Instant::now();
@@ -351,7 +374,7 @@ fn watch(
                     );
                 }
                 BackupEvent::PrimaryLost { why } => {
-                    flush(&mut session, &mut stream);
+                    flush(&mut session, link);
                     return match standby {
                         Some(s) if s.state.is_some() => Ok(Some((s, why, last_rx))),
                         // Nothing to resume yet: a primary that died (or a
@@ -366,16 +389,20 @@ fn watch(
                     };
                 }
                 BackupEvent::Shutdown { reason } => {
+                    if let Some(why) = reason.strip_prefix(crate::primary::UNPROTECTED) {
+                        eprintln!("remora backup: the primary {peer} goes on without this backup ({why}): no takeover");
+                        return Ok(None);
+                    }
                     eprintln!("remora backup: the primary's guest ended ({reason}): no takeover");
                     return Err(Watch::Shutdown(reason));
                 }
                 BackupEvent::Refused { reason } => {
-                    flush(&mut session, &mut stream);
+                    flush(&mut session, link);
                     eprintln!("remora backup: primary {peer} refused: {reason}");
                     return Ok(None);
                 }
                 BackupEvent::ProtocolError { why } => {
-                    flush(&mut session, &mut stream);
+                    flush(&mut session, link);
                     eprintln!(
                         "remora backup: protocol error from {peer}: {why}; disconnected (no takeover: the primary may be alive)"
                     );
@@ -383,13 +410,13 @@ fn watch(
                 }
             }
         }
-        flush(&mut session, &mut stream);
+        flush(&mut session, link);
     }
 }
 
-fn flush(session: &mut BackupSession, stream: &mut TcpStream) {
+fn flush(session: &mut BackupSession, link: &crate::beacon::Link) {
     while let Some(b) = session.poll_output() {
-        if stream.write_all(&b).is_err() {
+        if link.write(&b).is_err() {
             return;
         }
     }

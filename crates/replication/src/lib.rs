@@ -14,6 +14,7 @@
 //! The wire protocol is the sans-IO `remora-proto` crate.
 
 pub mod backup;
+mod beacon;
 pub mod primary;
 
 use std::time::Duration;

@@ -36,6 +36,10 @@ use remora_vmm::memory::GuestMemoryMmap;
 use remora_vmm::{VmEvent, Vmm};
 use vm_memory::{Bytes, GuestAddress};
 
+/// Prefix of the Shutdown reason by which a primary that goes on without
+/// its backup tells it not to take over.
+pub const UNPROTECTED: &str = "unprotected: ";
+
 /// `remora_vmstate::format` kind of a checkpoint's machine state.
 pub const STATE_KIND: u32 = 3;
 /// Pages per pre-copy / checkpoint pages message.
@@ -114,7 +118,7 @@ struct Inner {
     status: Mutex<Status>,
     running: AtomicBool,
     /// The connection's writer, while a protection runs.
-    writer: Mutex<Option<TcpStream>>,
+    writer: Mutex<Option<Arc<crate::beacon::Link>>>,
     stopping: AtomicBool,
 }
 
@@ -218,15 +222,16 @@ impl Protector {
     /// backup not to take over.
     pub fn shutdown(&self, reason: &str) {
         self.inner.stopping.store(true, Ordering::Release);
-        if let Some(w) = lock(&self.inner.writer).as_mut() {
+        let link = lock(&self.inner.writer).clone();
+        if let Some(w) = link {
             let mut out = Vec::new();
             if (remora_proto::Message::Shutdown { reason: reason.into() })
                 .encode(&mut out)
                 .is_ok()
             {
-                let _ = w.write_all(&out);
+                let _ = w.write(&out);
             }
-            let _ = w.shutdown(std::net::Shutdown::Write);
+            w.close();
         }
     }
 
@@ -239,7 +244,7 @@ impl Protector {
         let st = lock(&self.inner.status);
         let held: u64 = self.inner.commits.iter().map(|c| c.held()).sum();
         let mut s = format!(
-            "protected={} backup={} epoch={} pause_us={} pause_p99_us={} ckpt_bytes={} lag={} output_held={} backup_alive={}",
+            "protected={} backup={} epoch={} pause_us={} pause_p99_us={} ckpt_bytes={} lag={} output_held={} backup_alive={} nacks={}",
             st.protected,
             if st.backup.is_empty() { "-" } else { &st.backup },
             st.epoch,
@@ -249,6 +254,7 @@ impl Protector {
             st.lag,
             held,
             if st.backup_alive { "yes" } else { "no" },
+            st.nacks,
         );
         if let Some(e) = &st.last_error {
             s.push_str(&format!(" last_error=\"{}\"", e.replace('"', "'")));
@@ -325,14 +331,14 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
         Ok(s) => s,
         Err(e) => return format!("cannot encode the hello: {e}"),
     };
-    let (mut writer, mut reader) = match stream.try_clone() {
+    let (writer, mut reader) = match stream.try_clone() {
         Ok(r) => (stream, r),
         Err(e) => return format!("socket: {e}"),
     };
     // Hello, and the backup's answer.
     let start = Instant::now();
     while let Some(b) = session.poll_output() {
-        if let Err(e) = writer.write_all(&b) {
+        if let Err(e) = (&writer).write_all(&b) {
             return format!("cannot send to the backup: {e}");
         }
     }
@@ -359,12 +365,16 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
         }
     }
     eprintln!("remora: protect: connected to backup {addr}");
-    *lock(&inner.writer) = writer.try_clone().ok();
+    let conn = crate::beacon::Link::new(writer);
+    if let Err(e) = conn.start_beacon(hb) {
+        return format!("cannot start the heartbeat thread: {e}");
+    }
+    *lock(&inner.writer) = Some(conn.clone());
     lock(&inner.status).backup_alive = true;
     let (sender, receiver) = session.split();
     let mut tx = Tx {
         sender,
-        w: writer,
+        link: conn.clone(),
         origin: start,
     };
 
@@ -386,7 +396,18 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
         Err(e) => e,
     };
     reader_stop.store(true, Ordering::Release);
-    let _ = tx.w.shutdown(std::net::Shutdown::Both);
+    if !inner.stopping.load(Ordering::Acquire) {
+        // If the backup is alive after all (a slow link, a stall), it must
+        // not take over a guest that goes on here.
+        let mut out = Vec::new();
+        let bye = remora_proto::Message::Shutdown {
+            reason: format!("{UNPROTECTED}{why}"),
+        };
+        if bye.encode(&mut out).is_ok() {
+            let _ = conn.write(&out);
+        }
+    }
+    conn.close();
     let _ = reader_thread.join();
     why
 }
@@ -395,26 +416,22 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
 /// connection.
 struct Tx {
     sender: PrimarySender,
-    w: TcpStream,
+    link: Arc<crate::beacon::Link>,
     origin: Instant,
 }
 
 impl Tx {
     /// Writes whatever the sender has (a heartbeat too, if one is due).
-    fn flush(&mut self, inner: &Inner) -> Result<(), String> {
+    fn flush(&mut self, _inner: &Inner) -> Result<(), String> {
         self.sender.handle_timeout(self.origin.elapsed());
-        let _g = lock(&inner.writer);
         while let Some(b) = self.sender.poll_output() {
-            self.w
-                .write_all(&b)
-                .map_err(|e| format!("sending to the backup: {e}"))?;
+            self.link.write(&b).map_err(|e| format!("sending to the backup: {e}"))?;
         }
         Ok(())
     }
 
-    fn send_raw(&mut self, inner: &Inner, b: &[u8]) -> Result<(), String> {
-        let _g = lock(&inner.writer);
-        self.w.write_all(b).map_err(|e| format!("sending to the backup: {e}"))
+    fn send_raw(&mut self, _inner: &Inner, b: &[u8]) -> Result<(), String> {
+        self.link.write(b).map_err(|e| format!("sending to the backup: {e}"))
     }
 }
 

@@ -53,9 +53,20 @@ pub struct DiskWrite {
 #[derive(Default)]
 pub struct WriteLog {
     log: std::sync::Mutex<Option<Vec<DiskWrite>>>,
+    /// Bytes logged since the last take.
+    bytes: std::sync::atomic::AtomicU64,
 }
 
+/// Bytes of guest writes one checkpoint carries per disk at most: beyond
+/// it the guest's disk writes wait for the next checkpoint.
+pub const WRITE_LOG_LIMIT: u64 = 16 << 20;
+
 impl WriteLog {
+    /// Whether the log holds [`WRITE_LOG_LIMIT`] bytes or more.
+    pub fn is_full(&self) -> bool {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire) >= WRITE_LOG_LIMIT
+    }
+
     /// Starts logging (drops anything logged before).
     pub fn start(&self) {
         *crate::devices::lock(&self.log) = Some(Vec::new());
@@ -64,11 +75,14 @@ impl WriteLog {
     /// Stops logging and drops the log.
     pub fn stop(&self) {
         *crate::devices::lock(&self.log) = None;
+        self.bytes.store(0, std::sync::atomic::Ordering::Release);
     }
 
     /// The writes logged since the last call (logging goes on).
     pub fn take(&self) -> Vec<DiskWrite> {
-        match &mut *crate::devices::lock(&self.log) {
+        let mut g = crate::devices::lock(&self.log);
+        self.bytes.store(0, std::sync::atomic::Ordering::Release);
+        match &mut *g {
             Some(v) => std::mem::take(v),
             None => Vec::new(),
         }
@@ -76,6 +90,8 @@ impl WriteLog {
 
     fn record(&self, offset: u64, data: Vec<u8>) {
         if let Some(v) = &mut *crate::devices::lock(&self.log) {
+            self.bytes
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::AcqRel);
             v.push(DiskWrite { offset, data });
         }
     }
@@ -324,12 +340,26 @@ impl VirtioDevice for Block {
         let (mem, interrupt, ctl2) = (act.mem, act.interrupt, ctl.clone());
         let t = std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || loop {
-                if wait_readable(&evt, &ctl2.wake) && drain_queue(&mut q, &mem, &file, ro, sectors, &id, &log) {
-                    interrupt.signal_used();
-                }
-                if !ctl2.checkpoint(&[&q]) {
-                    return;
+            .spawn(move || {
+                // Requests the guest posted while the write log was full.
+                let mut deferred = false;
+                loop {
+                    if log.is_full() {
+                        // Replication is behind: the guest's writes wait
+                        // for the next checkpoint to take the log (its
+                        // pause wakes this worker), so the log and the
+                        // checkpoints stay bounded.
+                        deferred |= wait_readable_for(&evt, &ctl2.wake, 5);
+                    } else {
+                        let kicked = deferred || wait_readable(&evt, &ctl2.wake);
+                        deferred = false;
+                        if kicked && drain_queue(&mut q, &mem, &file, ro, sectors, &id, &log) {
+                            interrupt.signal_used();
+                        }
+                    }
+                    if !ctl2.checkpoint(&[&q]) {
+                        return;
+                    }
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -358,6 +388,11 @@ impl Drop for Block {
 
 /// Blocks until `evt` (consumed) or `wake` fires; true if `evt` fired.
 fn wait_readable(evt: &EventFd, wake: &EventFd) -> bool {
+    wait_readable_for(evt, wake, -1)
+}
+
+/// [`wait_readable`] for at most `timeout_ms` (-1: forever).
+fn wait_readable_for(evt: &EventFd, wake: &EventFd, timeout_ms: i32) -> bool {
     use std::os::fd::AsRawFd;
     let mut fds = [
         libc::pollfd {
@@ -372,7 +407,7 @@ fn wait_readable(evt: &EventFd, wake: &EventFd) -> bool {
         },
     ];
     // SAFETY: `fds` is a valid array of two pollfd structs for the call's duration.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
     if n <= 0 {
         return false;
     }

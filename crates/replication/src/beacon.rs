@@ -1,0 +1,87 @@
+//! Heartbeats from a thread of their own.
+//!
+//! The threads that write checkpoints (primary) or apply them (backup) can
+//! be busy for longer than a heartbeat interval — a long pause, a large
+//! checkpoint, a slow disk — and silence is how each side detects the
+//! other's death. So every connection has a beacon: a thread that writes a
+//! Heartbeat whenever nothing was written for an interval. All writers of
+//! a connection share one [`Link`], so frames never interleave.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The writing half of a connection, shared by its writers.
+pub struct Link {
+    w: Mutex<TcpStream>,
+    origin: Instant,
+    /// Nanoseconds since `origin` of the last write.
+    last_tx: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Link {
+    pub fn new(w: TcpStream) -> Arc<Link> {
+        Arc::new(Link {
+            w: Mutex::new(w),
+            origin: Instant::now(),
+            last_tx: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Writes whole frames (never interleaved with another writer's).
+    pub fn write(&self, b: &[u8]) -> std::io::Result<()> {
+        let mut w = self.w.lock().unwrap_or_else(|p| p.into_inner());
+        let r = w.write_all(b);
+        self.touch();
+        r
+    }
+
+    fn touch(&self) {
+        self.last_tx
+            .store(self.origin.elapsed().as_nanos() as u64, Ordering::Release);
+    }
+
+    /// Closes the connection both ways and stops the beacon.
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::Release);
+        let w = self.w.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Starts the beacon: a Heartbeat whenever nothing was written for
+    /// `interval`. It ends when the link is closed or a write fails.
+    pub fn start_beacon(self: &Arc<Link>, interval: Duration) -> std::io::Result<()> {
+        let link = self.clone();
+        std::thread::Builder::new().name("repl-beacon".into()).spawn(move || {
+            while !link.stop.load(Ordering::Acquire) {
+                std::thread::sleep(interval / 2);
+                let now = link.origin.elapsed();
+                let last = Duration::from_nanos(link.last_tx.load(Ordering::Acquire));
+                if now.saturating_sub(last) < interval {
+                    continue;
+                }
+                let mut out = Vec::new();
+                let beat = remora_proto::Message::Heartbeat {
+                    sent_at_ns: now.as_nanos() as u64,
+                };
+                if beat.encode(&mut out).is_err() {
+                    return;
+                }
+                // A writer holding the lock is sending: no beat needed.
+                let Ok(mut w) = link.w.try_lock() else {
+                    continue;
+                };
+                if w.write_all(&out).is_err() {
+                    return;
+                }
+                drop(w);
+                link.touch();
+            }
+        })?;
+        Ok(())
+    }
+}
