@@ -765,3 +765,73 @@ fn watch_status() {
     let b = b.finish(Duration::from_secs(5));
     eprintln!("--- primary:\n{}\n--- backup:\n{}", p.stderr, b.stderr);
 }
+
+/// `ctl protect` on a VM started without --protect puts the engine on its
+/// path while it runs; `ctl pause` does not end the protection; a stream
+/// started after the protection survives the primary's death.
+#[test]
+fn protect_a_running_vm() {
+    const TOTAL: usize = 96 << 20;
+    let mut pair = Pair::new("pr");
+    let o = Opts {
+        workloads: "sink:5001",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    let guest = guest_bin();
+    let mut cmd = pair.lan.primary.command(remora_bin().to_str().unwrap());
+    cmd.args([
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        &format!("workload=sink:5001 ip={GUEST_IP}/24"),
+        "--vcpus",
+        "2",
+        "--net",
+        &format!("tap={},mac={MAC}", pair.lan.tap),
+        "--control",
+        pair.psock.to_str().unwrap(),
+    ]);
+    let mut p = spawn(&mut cmd);
+    p.wait_line("remora-guest: net up", Duration::from_secs(30))
+        .expect("net up");
+    pair.primary = Some(p);
+    let st = wait_status(&pair.psock, "protected=no", Duration::from_secs(5));
+    assert!(!st.contains("last_error"), "{st}");
+    let (ok, out) = ctl(&pair.psock, &["protect", &pair.backup_addr()]);
+    assert!(ok && out.contains("protecting"), "{out}");
+    wait_status(&pair.psock, "protected=yes", Duration::from_secs(60));
+    // A pause stops checkpoints, not the protection.
+    assert!(ctl(&pair.psock, &["pause"]).0);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(ctl(&pair.psock, &["resume"]).0);
+    let before = field(
+        &wait_status(&pair.psock, "protected=yes", Duration::from_secs(2)),
+        "epoch=",
+    )
+    .to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = wait_status(&pair.psock, "protected=yes", Duration::from_secs(2));
+    assert_ne!(
+        field(&after, "epoch="),
+        before,
+        "checkpoints did not go on after resume: {after}"
+    );
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
+    std::thread::sleep(Duration::from_millis(1500));
+    let dead = pair.kill_primary();
+    let line = pair
+        .backup()
+        .wait_line("remora-guest: sink port=5001", Duration::from_secs(60));
+    let want = sink.join().unwrap();
+    let b = pair.backup.take().unwrap();
+    b.signal(libc::SIGTERM);
+    let run = b.finish(Duration::from_secs(10));
+    let diag = format!("--- backup:\n{}\n--- primary:\n{}", run.stderr, dead.stderr);
+    let want = want.unwrap_or_else(|e| panic!("client: {e}\n{diag}"));
+    let (_, line) = line.unwrap_or_else(|| panic!("no sink line on the backup\n{diag}"));
+    assert_eq!(field(&line, "sha256="), want, "{diag}");
+}

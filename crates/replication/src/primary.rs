@@ -717,14 +717,21 @@ fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Resu
         }
         next = Instant::now() + opts.epoch;
         let buf = pool.pop().unwrap_or_default();
-        let reply = ask(
+        let reply = match ask(
             inner,
             ReplRequest::Checkpoint {
                 seq,
                 buf,
                 protect: seq == 1,
             },
-        )?;
+        ) {
+            // An operator paused the VM: nothing changes until it resumes.
+            Err(e) if e.contains(remora_vmm::checkpoint::PAUSED) => {
+                std::thread::sleep(opts.epoch);
+                continue;
+            }
+            r => r?,
+        };
         let ReplReply::Checkpoint(ckpt) = reply else {
             return Err("internal error: unexpected reply to Checkpoint".into());
         };

@@ -29,6 +29,9 @@ use crate::memory;
 use crate::snapshot::{MachineSnapshot, Staging};
 use crate::Vmm;
 
+/// The error of a checkpoint asked of a paused VM.
+pub const PAUSED: &str = "the VM is paused (ctl pause): no checkpoint until it resumes";
+
 /// A net device as replication sees it.
 pub struct NetDevice {
     pub mac: [u8; 6],
@@ -210,7 +213,7 @@ impl Vmm {
         threads: &[std::thread::JoinHandle<()>],
     ) -> Result<Checkpoint, String> {
         if control.is_paused() {
-            return Err("the VM is paused (ctl pause): no checkpoint until it resumes".into());
+            return Err(PAUSED.into());
         }
         if self.msrs.is_none() {
             self.msrs = Some(remora_vmstate::msrs_to_save(&self.kvm).map_err(|e| e.to_string())?);
