@@ -286,6 +286,7 @@ fn engine_config(output: OutputArg) -> remora_spec::Config {
 }
 
 fn main() -> ExitCode {
+    block_stop_signals();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -319,22 +320,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// Blocks the stop signals in this thread (and so in every thread spawned
-/// after it) and calls `on_signal` with each one's name from a dedicated
-/// thread, until it returns false.
-fn forward_stop_signals(on_signal: impl Fn(&'static str) -> bool + Send + 'static) -> anyhow::Result<()> {
+/// The stop signals remora handles itself.
+fn stop_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialize it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only
-    // write to it and to this thread's signal mask.
-    let rc = unsafe {
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
         libc::sigemptyset(&mut set);
         for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             libc::sigaddset(&mut set, s);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    anyhow::ensure!(rc == 0, "cannot block stop signals: error {rc}");
+    }
+    set
+}
+
+/// Blocks the stop signals in the calling thread and so in every thread it
+/// spawns later: called first thing in main, so that no helper thread
+/// (replication, console) can be killed by a stop signal's default action;
+/// [`forward_stop_signals`] then takes them.
+fn block_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: `set` is initialized; this only changes this thread's mask.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        eprintln!("remora: warning: cannot block stop signals: error {rc}");
+    }
+}
+
+/// Calls `on_signal` with each stop signal's name from a dedicated thread,
+/// until it returns false (the signals are blocked since main started).
+fn forward_stop_signals(on_signal: impl Fn(&'static str) -> bool + Send + 'static) -> anyhow::Result<()> {
+    let set = stop_signals();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -419,6 +435,10 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         kvm_path: args.kvm,
         engine: engine_config(OutputArg::Speculative),
     };
+    // A backup standing by exits on a stop signal; once it runs the guest,
+    // the signal stops the VM as for `remora run`.
+    let target: SignalTarget = Default::default();
+    forward_to(&target, "remora backup")?;
     match serve(opts, Box::new(std::io::stdout()))? {
         Outcome::Shutdown(reason) => {
             eprintln!("remora backup: done: the primary's guest ended ({reason})");
@@ -436,7 +456,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
                 decided.elapsed().as_millis(),
                 timing.seq
             );
-            run_vmm(*vmm, |_| {})
+            run_vmm_with(*vmm, &target, |_| {})
         }
     }
 }
@@ -533,9 +553,32 @@ fn status_json(line: &str) -> String {
     format!("{{{}}}", fields.join(","))
 }
 
+/// Where stop signals go: the running VM, or (a backup standing by) exit.
+type SignalTarget = std::sync::Arc<std::sync::Mutex<Option<std::sync::mpsc::Sender<VmEvent>>>>;
+
 fn run_vmm(vmm: Vmm, on_exit: impl FnOnce(&VmExit)) -> anyhow::Result<ExitCode> {
-    let tx = vmm.event_sender();
-    forward_stop_signals(move |name| tx.send(VmEvent::Stop(format!("stopped by {name}"))).is_ok())?;
+    let target: SignalTarget = Default::default();
+    forward_to(&target, "remora")?;
+    run_vmm_with(vmm, &target, on_exit)
+}
+
+/// Forwards stop signals to the VM in `target`; without one, exits.
+fn forward_to(target: &SignalTarget, who: &'static str) -> anyhow::Result<()> {
+    let t = target.clone();
+    forward_stop_signals(move |name| {
+        let tx = t.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => tx.send(VmEvent::Stop(format!("stopped by {name}"))).is_ok(),
+            None => {
+                eprintln!("{who}: stopped by {name}");
+                std::process::exit(0);
+            }
+        }
+    })
+}
+
+fn run_vmm_with(vmm: Vmm, target: &SignalTarget, on_exit: impl FnOnce(&VmExit)) -> anyhow::Result<ExitCode> {
+    *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(vmm.event_sender());
     if std::io::stdin().is_terminal() {
         let serial = vmm.serial();
         std::thread::Builder::new()

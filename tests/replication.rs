@@ -835,3 +835,28 @@ fn protect_a_running_vm() {
     let (_, line) = line.unwrap_or_else(|| panic!("no sink line on the backup\n{diag}"));
     assert_eq!(field(&line, "sha256="), want, "{diag}");
 }
+
+/// An operator stopping the primary (SIGTERM) is not a failure: the
+/// backup is told and exits without taking over.
+#[test]
+fn stopping_the_primary_ends_the_backup_without_takeover() {
+    let mut pair = Pair::new("st");
+    let o = Opts {
+        workloads: "sink:5001",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 1,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    std::thread::sleep(Duration::from_millis(300));
+    let p = pair.primary.take().unwrap();
+    p.signal(libc::SIGTERM);
+    let p = p.finish(Duration::from_secs(10));
+    assert!(p.status.success(), "{}", p.stderr);
+    let b = pair.backup.take().unwrap().finish(Duration::from_secs(10));
+    assert!(!b.timed_out, "the backup did not exit\n{}", b.stderr);
+    assert!(b.status.success(), "{}", b.stderr);
+    assert!(b.stderr.contains("no takeover"), "{}", b.stderr);
+    assert!(!b.stderr.contains("failover"), "{}", b.stderr);
+}

@@ -221,8 +221,10 @@ impl Protector {
     /// The guest ended on purpose (or the operator stopped it): tell the
     /// backup not to take over.
     pub fn shutdown(&self, reason: &str) {
-        self.inner.stopping.store(true, Ordering::Release);
+        // The link first: the replication thread keeps it open until
+        // `stopping` is set.
         let link = lock(&self.inner.writer).clone();
+        self.inner.stopping.store(true, Ordering::Release);
         if let Some(w) = link {
             let mut out = Vec::new();
             if (remora_proto::Message::Shutdown { reason: reason.into() })
@@ -280,14 +282,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+const VM_STOPPED: &str = "the VM has stopped";
+
 /// A request to the VMM's event loop.
 fn ask(inner: &Inner, req: ReplRequest) -> Result<ReplReply, String> {
     let (tx, rx) = channel();
     inner
         .events
         .send(VmEvent::Repl(req, tx))
-        .map_err(|_| "the VM has stopped".to_string())?;
-    rx.recv().map_err(|_| "the VM has stopped".to_string())?
+        .map_err(|_| VM_STOPPED.to_string())?;
+    rx.recv().map_err(|_| VM_STOPPED.to_string())?
 }
 
 /// Ends a protection: output flows freely again.
@@ -396,6 +400,14 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
         Err(e) => e,
     };
     reader_stop.store(true, Ordering::Release);
+    if why == VM_STOPPED {
+        // The guest ended: Protector::shutdown (called right after the VM's
+        // run returns) tells the backup why, on this connection.
+        let t = Instant::now();
+        while !inner.stopping.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     if !inner.stopping.load(Ordering::Acquire) {
         // If the backup is alive after all (a slow link, a stall), it must
         // not take over a guest that goes on here.
@@ -407,7 +419,9 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
             let _ = conn.write(&out);
         }
     }
-    conn.close();
+    if !inner.stopping.load(Ordering::Acquire) {
+        conn.close();
+    }
     let _ = reader_thread.join();
     why
 }
