@@ -1528,6 +1528,13 @@ impl Flow {
             self.recovery = None;
         }
         self.send_loop(ctx, now);
+        // The peer may have acknowledged (and opened its window for) more
+        // than the checkpoint knows: the old primary went on sending
+        // committed data. An old-sequence empty segment makes it answer at
+        // once with its current ACK and window, instead of the engine
+        // waiting for a timeout when it cannot send (window used up).
+        let s = self.snd_una.wrapping_sub(1);
+        self.emit(ctx, now, s, 0, flags::ACK, true);
         if self.snd_una != self.snd_max {
             self.arm_rto(now);
         }

@@ -367,8 +367,12 @@ impl NetWorker {
                     EV_CTL => {
                         if let Some(port) = &mut self.port {
                             // A checkpoint's pause: everything the guest
-                            // handed over so far belongs to the sealed epoch.
-                            port.seal_if_requested();
+                            // handed over so far belongs to the sealed
+                            // epoch. Only when the worker is about to park:
+                            // a stale wake-up must not end the epoch early.
+                            if ctl.pause_requested() {
+                                port.seal_if_requested();
+                            }
                         }
                         if !ctl.checkpoint(&[&self.rx, &self.tx]) {
                             return Ok(());

@@ -108,6 +108,12 @@ impl WorkerCtl {
         !g.stop
     }
 
+    /// Whether a pause is requested: a worker that sees it parks at once
+    /// (its next [`WorkerCtl::checkpoint`]).
+    pub fn pause_requested(&self) -> bool {
+        lock(&self.state).pause
+    }
+
     /// VMM side: asks the worker to park at its next wake-up and returns
     /// at once; [`WorkerCtl::pause`] then waits for it. Lets the worker
     /// park while the vCPUs are being stopped.
