@@ -129,8 +129,8 @@ pub enum VmError {
     KvmMissing { path: PathBuf },
     #[error("permission denied opening {path}: run as root or join the group that owns it (usually 'kvm')")]
     KvmPermission { path: PathBuf },
-    #[error("cannot open {path}: {source}")]
-    KvmOpen { path: PathBuf, source: std::io::Error },
+    #[error("cannot open {path}: {error}")]
+    KvmOpen { path: PathBuf, error: std::io::Error },
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {requested} is more than this host's KVM allows ({max})")]
@@ -156,9 +156,17 @@ pub enum VmError {
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
     #[error("cannot restore: {0}")]
-    State(#[from] remora_vmstate::StateError),
-    #[error("control socket {path}: {source}")]
-    Control { path: PathBuf, source: std::io::Error },
+    State(remora_vmstate::StateError),
+    #[error("control socket {path}: {error}")]
+    Control { path: PathBuf, error: std::io::Error },
+}
+
+// Not `#[from]`, which would also make it the error's source: the message
+// already says it, and a source would be printed a second time.
+impl From<remora_vmstate::StateError> for VmError {
+    fn from(e: remora_vmstate::StateError) -> Self {
+        VmError::State(e)
+    }
 }
 
 impl VmError {
@@ -358,7 +366,7 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
         libc::EACCES | libc::EPERM => VmError::KvmPermission { path: path.into() },
         _ => VmError::KvmOpen {
             path: path.into(),
-            source: std::io::Error::from_raw_os_error(e.errno()),
+            error: std::io::Error::from_raw_os_error(e.errno()),
         },
     })
 }
@@ -554,9 +562,9 @@ impl Vmm {
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| VmError::Setup(format!("vCPU kick signal handler: {e}")))?;
         if let Some(path) = &self.control_path {
-            control::serve(path, self.events_tx.clone()).map_err(|source| VmError::Control {
+            control::serve(path, self.events_tx.clone()).map_err(|error| VmError::Control {
                 path: path.clone(),
-                source,
+                error,
             })?;
         }
         let control = Arc::new(vcpu::VcpuControl::default());

@@ -33,10 +33,10 @@ pub enum MemoryError {
     TooSmall(u64),
     #[error("--mem {0} MiB is too large for this host's address space")]
     TooLarge(u64),
-    #[error("cannot map {mib} MiB of guest memory: {source}")]
+    #[error("cannot map {mib} MiB of guest memory: {error}")]
     Mmap {
         mib: u64,
-        source: vm_memory::mmap::FromRangesError,
+        error: vm_memory::mmap::FromRangesError,
     },
 }
 
@@ -62,7 +62,7 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError>
         .checked_mul(1 << 20)
         .filter(|b| *b <= (1u64 << 40))
         .ok_or(MemoryError::TooLarge(mem_mib))?;
-    GuestMemoryMmap::from_ranges(&ram_ranges(bytes)).map_err(|source| MemoryError::Mmap { mib: mem_mib, source })
+    GuestMemoryMmap::from_ranges(&ram_ranges(bytes)).map_err(|error| MemoryError::Mmap { mib: mem_mib, error })
 }
 
 /// Registers every region as a KVM memory slot (slot = region index),

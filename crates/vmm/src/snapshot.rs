@@ -48,10 +48,10 @@ pub struct MachineSnapshot {
 /// Errors reading or writing snapshots.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("snapshot I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Format { path: PathBuf, source: format::FormatError },
+    #[error("snapshot I/O on {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Format { path: PathBuf, error: format::FormatError },
     #[error("{path}: not a remora memory file, or a version this remora cannot read")]
     MemHeader { path: PathBuf },
     #[error("{path}: memory file is corrupt or truncated (checksum mismatch)")]
@@ -69,9 +69,9 @@ pub enum SnapshotError {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
-    move |source| SnapshotError::Io {
+    move |error| SnapshotError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -378,7 +378,7 @@ fn write_atomic(
     write(&mut w).map_err(io_err(&tmp))?;
     let f = w.into_inner().map_err(|e| SnapshotError::Io {
         path: tmp.clone(),
-        source: e.into_error(),
+        error: e.into_error(),
     })?;
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
@@ -416,9 +416,9 @@ pub fn write(dir: &Path, state: &MachineSnapshot, staging: &Staging) -> Result<u
         w.write_all(&crc.to_le_bytes())
     })?;
     let spath = state_path(dir, seq);
-    let bytes = format::encode(STATE_KIND, state).map_err(|source| SnapshotError::Format {
+    let bytes = format::encode(STATE_KIND, state).map_err(|error| SnapshotError::Format {
         path: spath.clone(),
-        source,
+        error,
     })?;
     // The state file is written last: its presence marks a complete snapshot.
     write_atomic(&spath, |w| w.write_all(&bytes))?;
@@ -475,9 +475,9 @@ fn apply_mem(path: &Path, seq: u32, mem: &GuestMemoryMmap) -> Result<u64, Snapsh
 pub fn read_state(dir: &Path, seq: u32) -> Result<MachineSnapshot, SnapshotError> {
     let path = state_path(dir, seq);
     let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-    let s: MachineSnapshot = format::decode(STATE_KIND, &bytes).map_err(|source| SnapshotError::Format {
+    let s: MachineSnapshot = format::decode(STATE_KIND, &bytes).map_err(|error| SnapshotError::Format {
         path: path.clone(),
-        source,
+        error,
     })?;
     if s.seq != seq {
         return Err(SnapshotError::Sequence {

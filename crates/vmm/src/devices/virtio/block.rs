@@ -32,8 +32,8 @@ const ID_LEN: usize = 20;
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    #[error("cannot open disk {path}: {error}")]
+    Open { path: PathBuf, error: std::io::Error },
     #[error("disk {path} is empty (0 bytes); create it first, e.g. truncate -s 1G {path}")]
     Empty { path: PathBuf },
 }
@@ -53,15 +53,15 @@ impl Block {
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(|source| BlockError::Open {
+            .map_err(|error| BlockError::Open {
                 path: path.into(),
-                source,
+                error,
             })?;
         let len = file
             .metadata()
-            .map_err(|source| BlockError::Open {
+            .map_err(|error| BlockError::Open {
                 path: path.into(),
-                source,
+                error,
             })?
             .len();
         if len < SECTOR {
