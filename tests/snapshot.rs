@@ -137,3 +137,69 @@ fn corrupt_or_incomplete_snapshots_are_refused() {
     assert!(!ok && out.contains("cannot reach the VM"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A snapshot that fails to be written must not lose its dirty pages (the
+/// dirty logs were cleared when it was taken), nor move the chain to a bad
+/// directory; its error names the OS error once.
+#[test]
+fn failed_snapshot_writes_lose_no_pages() {
+    require_kvm();
+    let (sock, dir) = (tmp("sock3"), tmp("dir3"));
+    let d = dir.to_str().unwrap();
+    let guest = guest_bin();
+    // A region large enough that the guest's random rewrites do not cover
+    // it again between two back-to-back snapshots.
+    let r = spawn_remora(&[
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "workload=mem:256",
+        "--vcpus",
+        "2",
+        "--mem",
+        "320",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    let mut r = r;
+    r.wait_line("mem ok", Duration::from_secs(20))
+        .expect("mem workload running");
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", d]);
+    assert!(ok && out.contains("seq=0"), "{out}");
+    std::thread::sleep(Duration::from_millis(50));
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", d, "--incremental"]);
+    assert!(ok && out.contains("seq=1"), "{out}");
+    std::thread::sleep(Duration::from_millis(100));
+    // 0002 cannot be written: its temporary file is a directory.
+    let blocker = dir.join("0002.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", d, "--incremental"]);
+    assert!(!ok && out.contains("Is a directory"), "{out}");
+    assert_eq!(out.matches("Is a directory").count(), 1, "the OS error twice: {out}");
+    std::fs::remove_dir(&blocker).unwrap();
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", d, "--incremental"]);
+    assert!(ok && out.contains("seq=2"), "{out}");
+    // A base that cannot be written leaves the chain where it was.
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", "/proc/remora-no-such-dir"]);
+    assert!(!ok, "{out}");
+    let (ok, out) = ctl(&sock, &["status"]);
+    assert!(ok && out.contains(&format!("snapshot_dir={d}")), "{out}");
+    let (ok, out) = ctl(&sock, &["snapshot", "--out", d, "--incremental"]);
+    assert!(ok && out.contains("seq=3"), "{out}");
+    r.signal(libc::SIGKILL);
+    let first = r.finish(Duration::from_secs(5));
+    first.check(first.line("MISMATCH").is_none(), "corruption before the snapshots");
+
+    // The guest checks its pages for a few seconds after the restore.
+    let run = run_remora(&["restore", "--snapshot", d], Duration::from_secs(6));
+    let _ = std::fs::remove_dir_all(&dir);
+    run.check(
+        run.line("mem MISMATCH").is_none(),
+        "the restored guest found pages the increments missed",
+    );
+    run.check(
+        run.lines.iter().filter(|(_, l)| l.contains("mem ok")).count() >= 2,
+        "the restored guest did not keep checking its memory",
+    );
+}

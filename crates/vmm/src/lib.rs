@@ -189,9 +189,11 @@ pub struct Vmm {
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     control_path: Option<PathBuf>,
-    /// Directory of the snapshot chain being extended, once a base exists
-    /// (KVM dirty logging is on from then).
+    /// Directory of the snapshot chain being extended, once a base was
+    /// written there (KVM dirty logging is on from the first base tried).
     snapshot_dir: Option<PathBuf>,
+    /// Pages dirtied since the last snapshot that was written in full.
+    dirty: memory::DirtyCarry,
     /// The staging buffer of the last snapshot, kept for the next one.
     staging_buf: Vec<u8>,
     /// Copy-on-write for increments (None: copy during the pause).
@@ -514,6 +516,7 @@ impl Vmm {
             events_rx,
             control_path: None,
             snapshot_dir: None,
+            dirty: memory::DirtyCarry::default(),
             staging_buf: Vec::new(),
             wp: None,
             wp_tried: false,
@@ -700,9 +703,21 @@ impl Vmm {
                 };
                 let pages = staging.pages.len();
                 let written = snapshot::write(&dir, &state, &staging);
-                self.next_seq = written.is_ok().then_some(state.seq + 1);
                 self.staging_buf = staging.into_buffer();
-                let bytes = written.map_err(|e| e.to_string())?;
+                // Only a snapshot written in full extends (or starts) a
+                // chain; a failed one keeps its dirty pages for the next.
+                let bytes = match written {
+                    Ok(bytes) => {
+                        self.dirty.delivered();
+                        self.snapshot_dir = Some(dir);
+                        self.next_seq = Some(state.seq + 1);
+                        bytes
+                    }
+                    Err(e) => {
+                        self.next_seq = None;
+                        return Err(e.to_string());
+                    }
+                };
                 Ok(format!(
                     "seq={} pages={pages} pause_us={pause_us} bytes={bytes} kick_us={kick_us} state_us={} harvest_us={} protect_us={} copy_us={} wp_runs={} wp_faults={}",
                     state.seq, parts.state_us, parts.harvest_us, parts.protect_us, parts.copy_us, parts.runs, self.wp_faults
@@ -766,7 +781,6 @@ impl Vmm {
                 Staged::Protected { runs, .. } => runs.len(),
             },
         };
-        self.snapshot_dir = Some(dir.to_path_buf());
         Ok((
             snapshot::MachineSnapshot {
                 seq,
@@ -787,8 +801,13 @@ impl Vmm {
     /// dirty-log harvest took.
     fn stage_pages(&mut self, incremental: bool, paused_at: Instant) -> Result<(Staged, u128, u128), String> {
         let t = Instant::now();
+        // Pages of earlier snapshots that failed to be written stay in the
+        // set until one is written (see memory::DirtyCarry).
         Ok(if incremental {
-            let dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            self.dirty
+                .harvest(&self.vm, &self.mem)
+                .map_err(|e| format!("dirty log: {e}"))?;
+            let dirty = self.dirty.pages();
             let harvest_us = t.elapsed().as_micros();
             if self.pause_copy.is_some() && !self.wp_tried {
                 // Registered only when used: it is not free for the guest.
@@ -803,7 +822,7 @@ impl Vmm {
                 (Some(_), Some(d)) => Some(paused_at + d),
                 _ => None,
             };
-            let (staging, done) = snapshot::Staging::copy_until(&self.mem, &dirty, buf, deadline);
+            let (staging, done) = snapshot::Staging::copy_until(&self.mem, dirty, buf, deadline);
             let copy_us = t.elapsed().as_micros() - harvest_us;
             if done == dirty.len() {
                 return Ok((Staged::Copied(staging), harvest_us, copy_us));
@@ -818,7 +837,7 @@ impl Vmm {
                     Staged::Protected {
                         staging,
                         in_pause: done,
-                        pages: dirty,
+                        pages: dirty.to_vec(),
                         runs,
                     },
                     harvest_us,
@@ -840,7 +859,11 @@ impl Vmm {
             let buf = std::mem::take(&mut self.staging_buf);
             // From the base on, KVM logs guest writes for the increments.
             memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
-            let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            // A base holds every page; its harvest only matters to the
+            // current chain, if the base is not written.
+            self.dirty
+                .harvest(&self.vm, &self.mem)
+                .map_err(|e| format!("dirty log: {e}"))?;
             let harvest_us = t.elapsed().as_micros();
             let staging =
                 snapshot::Staging::copy_into(&self.mem, &snapshot::Staging::populated_pages(&self.mem), true, buf);
