@@ -767,7 +767,10 @@ impl Vmm {
         let serial = lock(&self.serial).state();
         // Device workers park between requests for the same cut; the
         // caller resumes them once the pages are staged.
-        let devices = self.mmio.pause_all();
+        let devices = self.mmio.pause_all().map_err(|e| {
+            tracing::error!("snapshot refused, the VM keeps running: {e}");
+            format!("cannot snapshot the devices: {e}")
+        })?;
         let t1 = Instant::now();
         let (staging, harvest_us, copy_us) = self.stage_pages(incremental, paused_at)?;
         let t2 = Instant::now();

@@ -246,12 +246,16 @@ impl VirtioDevice for Block {
         let (mem, interrupt, ctl2) = (act.mem, act.interrupt, ctl.clone());
         let t = std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || loop {
-                if wait_readable(&evt, &ctl2.wake) && drain_queue(&mut q, &mem, &file, ro, sectors, &id) {
-                    interrupt.signal_used();
-                }
-                if !ctl2.checkpoint(&[&q]) {
-                    return;
+            .spawn(move || {
+                // Marks the worker dead however the thread ends.
+                let _alive = ctl2.alive("virtio-blk");
+                loop {
+                    if wait_readable(&evt, &ctl2.wake) && drain_queue(&mut q, &mem, &file, ro, sectors, &id) {
+                        interrupt.signal_used();
+                    }
+                    if !ctl2.checkpoint(&[&q]) {
+                        return;
+                    }
                 }
             })
             .map_err(|e| e.to_string())?;
