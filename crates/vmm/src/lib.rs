@@ -560,9 +560,8 @@ impl Vmm {
 
     /// Runs the VM until it ends, then stops every vCPU.
     pub fn run(mut self) -> Result<VmExit, VmError> {
-        extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        // Re-registering the same no-op handler on a later VM is harmless.
-        register_signal_handler(SIGRTMIN(), kick_handler)
+        // Re-registering the same handler on a later VM is harmless.
+        register_signal_handler(SIGRTMIN(), vcpu::kick_handler)
             .map_err(|e| VmError::Setup(format!("vCPU kick signal handler: {e}")))?;
         if let Some(path) = &self.control_path {
             control::serve(path, self.events_tx.clone()).map_err(|error| VmError::Control {
@@ -618,13 +617,19 @@ impl Vmm {
     fn pause_vcpus(&self, control: &vcpu::VcpuControl, threads: &[JoinHandle<()>]) -> Result<(), String> {
         control.request_pause();
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut kicks = 0;
         loop {
+            // One signal per thread is enough: it ends a KVM_RUN, or the
+            // next one (see vcpu::kick_handler). Kicking again every few
+            // milliseconds is only a safety net.
             for t in threads {
                 let _ = t.kill(SIGRTMIN());
             }
-            if control.wait_paused(threads.len(), Duration::from_micros(200)) {
+            if control.wait_paused(threads.len(), Duration::from_millis(5)) {
                 return Ok(());
             }
+            kicks += 1;
+            tracing::debug!(kicks, "vCPUs not parked 5 ms after a kick, kicking again");
             if Instant::now() > deadline {
                 control.resume();
                 return Err("vCPUs did not pause within 5 s".into());

@@ -1,5 +1,6 @@
 //! vCPU set-up and the per-vCPU run loop.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -80,9 +81,67 @@ const RUN: u8 = 0;
 const PAUSE: u8 = 1;
 const STOP: u8 = 2;
 
+thread_local! {
+    /// `kvm_run.immediate_exit` of the vCPU this thread runs, while it
+    /// runs one (null otherwise): the kick signal's handler sets it.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Handler of the signal that kicks a vCPU thread (SIGRTMIN): sets the
+/// thread's own vCPU's `kvm_run.immediate_exit`, so a kick is never lost,
+/// wherever it lands. Inside KVM_RUN the signal alone makes it return
+/// (EINTR); between the thread's last look at [`VcpuControl`] and its
+/// next KVM_RUN, the flag makes that KVM_RUN return at once, before
+/// entering the guest. The run loop clears the flag after each KVM_RUN and
+/// then looks at the control again.
+///
+/// Async-signal-safe: one read of a constant-initialized thread-local
+/// (no lazy initialization, no destructor) and one volatile byte store.
+pub extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let _ = IMMEDIATE_EXIT.try_with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: a non-null pointer is this thread's vCPU's kvm_run
+            // field, set by `KickTarget` while its VcpuFd (and so the
+            // mapping) lives and reset before it is dropped; this handler
+            // runs on that same thread. The byte is shared with the kernel,
+            // which reads it when KVM_RUN starts.
+            unsafe { std::ptr::write_volatile(p, 1) };
+        }
+    });
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
+
+/// Points the kick handler of the calling thread at `fd`'s
+/// `immediate_exit` until dropped (drop it before `fd`).
+struct KickTarget(*mut u8);
+
+impl KickTarget {
+    fn new(fd: &mut VcpuFd) -> KickTarget {
+        let p: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(p));
+        KickTarget(p)
+    }
+
+    /// Clears `immediate_exit` (while the exit being handled may borrow
+    /// other parts of kvm_run).
+    fn clear(&self) {
+        // SAFETY: the field of the live VcpuFd this target was made from
+        // (it outlives `self`); a one-byte volatile store that overlaps no
+        // exit data a VcpuExit may borrow.
+        unsafe { std::ptr::write_volatile(self.0, 0) };
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
 /// Run/pause/stop requests shared by the VMM and its vCPU threads. A vCPU
 /// thread looks at it after every exit; the VMM kicks threads out of
-/// KVM_RUN with a signal so they look.
+/// KVM_RUN with a signal ([`kick_handler`]) so they look.
 pub struct VcpuControl {
     state: AtomicU8,
     paused: Mutex<usize>,
@@ -211,14 +270,20 @@ pub fn run_loop(
     control: Arc<VcpuControl>,
     events: EventSender,
 ) {
+    // Dropped (on every return) before `fd`.
+    let kick = KickTarget::new(&mut crate::devices::lock(&fd));
     loop {
+        // After the flag is cleared (below): a kick since is seen here.
         if !control.checkpoint() {
             return;
         }
         // Held only while in KVM_RUN and handling its exit, so the VMM can
         // save the vCPU while it is parked in checkpoint().
         let mut fd = crate::devices::lock(&fd);
-        let fault = match fd.run() {
+        let run = fd.run();
+        // Set by a kick during this run or before it: consumed.
+        kick.clear();
+        let fault = match run {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if !bus.write(port, data) {
                     tracing::trace!(vcpu = index, port, "write to unclaimed port");
@@ -285,5 +350,68 @@ fn internal_error(fd: &mut VcpuFd, mem: &GuestMemoryMmap) -> VcpuFault {
         cpl,
         bytes,
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+    /// A kick that lands after the run loop looked at its control and
+    /// before KVM_RUN (here: just before) makes that KVM_RUN return at
+    /// once instead of running the guest until some later kick.
+    #[test]
+    fn a_kick_before_kvm_run_is_not_lost() {
+        register_signal_handler(SIGRTMIN(), kick_handler).unwrap();
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        vm.set_tss_address(0xfffb_d000).unwrap();
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        crate::memory::register_memory(&vm, &mem, false).unwrap();
+        // jmp $ (forever)
+        mem.write_slice(&[0xeb, 0xfe], GuestAddress(0x1000)).unwrap();
+        let mut fd = crate::memory::real_mode_vcpu(&vm, 0x1000);
+        let kick = KickTarget::new(&mut fd);
+        // A watchdog ends a lost kick's KVM_RUN, so the test fails
+        // instead of hanging.
+        let done = Arc::new(AtomicBool::new(false));
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let d = done.clone();
+        let watchdog = std::thread::spawn(move || {
+            let start = Instant::now();
+            while !d.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(20));
+                if start.elapsed() < Duration::from_secs(2) {
+                    continue;
+                }
+                // SAFETY: `me` is the test thread, alive until `done`.
+                unsafe { libc::pthread_kill(me, SIGRTMIN()) };
+            }
+        });
+        for round in 0..3 {
+            // SAFETY: signals this thread; the handler is registered above.
+            unsafe { libc::pthread_kill(me, SIGRTMIN()) };
+            let t = Instant::now();
+            let r = fd.run();
+            kick.clear();
+            let took = t.elapsed();
+            assert!(
+                matches!(&r, Err(e) if e.errno() == libc::EINTR),
+                "round {round}: {:?}",
+                r.map(|e| format!("{e:?}"))
+            );
+            assert!(
+                took < Duration::from_secs(1),
+                "round {round}: the kick was lost ({took:?})"
+            );
+        }
+        done.store(true, Ordering::Release);
+        watchdog.join().unwrap();
+        drop(kick);
     }
 }
