@@ -182,7 +182,10 @@ pub struct Vmm {
     vm: VmFd,
     mem: GuestMemoryMmap,
     mem_mib: u64,
-    vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+    /// Until [`Vmm::run`] hands each to its thread.
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// The MSRs each vCPU saves, once known.
+    msrs: Option<Arc<[u32]>>,
     bus: PioBus,
     mmio: MmioBus,
     serial: Arc<Mutex<SerialConsole>>,
@@ -428,7 +431,7 @@ impl Vmm {
             let mut v = vcpu::Vcpu { index, fd };
             let cpuid = cpuid::vcpu_cpuid(&supported, index, nvcpus, &hidden);
             vcpu::configure(&mut v, &cpuid, &mem, &entry)?;
-            vcpus.push(Arc::new(Mutex::new(v.fd)));
+            vcpus.push(v.fd);
         }
         tracing::info!(vcpus = nvcpus, mem_mib = config.mem_mib, mode = ?entry.mode, entry = entry.entry_addr, "VM built");
         Ok(Vmm::assemble(
@@ -480,7 +483,7 @@ impl Vmm {
         for (i, vs) in state.vcpus.iter().enumerate() {
             let fd = vm.create_vcpu(i as u64).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
             remora_vmstate::restore_vcpu(&fd, vs)?;
-            vcpus.push(Arc::new(Mutex::new(fd)));
+            vcpus.push(fd);
         }
         remora_vmstate::restore_vm(&vm, &state.vm)?;
         let mmio = attach_virtio(&vm, &mem, virtio, Some(&state.devices))?;
@@ -499,7 +502,7 @@ impl Vmm {
         kvm: Kvm,
         vm: VmFd,
         (mem, mem_mib): (GuestMemoryMmap, u64),
-        vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+        vcpus: Vec<kvm_ioctls::VcpuFd>,
         (bus, mmio, serial): (PioBus, MmioBus, Arc<Mutex<SerialConsole>>),
         (events_tx, events_rx): (Sender<VmEvent>, Receiver<VmEvent>),
     ) -> Vmm {
@@ -509,6 +512,7 @@ impl Vmm {
             mem,
             mem_mib,
             vcpus,
+            msrs: None,
             bus,
             mmio,
             serial,
@@ -569,11 +573,12 @@ impl Vmm {
                 error,
             })?;
         }
-        let control = Arc::new(vcpu::VcpuControl::default());
+        let control = Arc::new(vcpu::VcpuControl::new(self.vcpus.len()));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (index, fd) in self.vcpus.iter().enumerate() {
+        // Each vCPU fd goes to its thread, the only one to use it.
+        for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let buses = (self.bus.clone(), self.mmio.clone());
-            let (fd, mem, control, events) = (fd.clone(), self.mem.clone(), control.clone(), self.events_tx.clone());
+            let (mem, control, events) = (self.mem.clone(), control.clone(), self.events_tx.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || vcpu::run_loop(index as u8, fd, mem, buses, control, events))
@@ -625,7 +630,7 @@ impl Vmm {
             for t in threads {
                 let _ = t.kill(SIGRTMIN());
             }
-            if control.wait_paused(threads.len(), Duration::from_millis(5)) {
+            if control.wait_paused(Duration::from_millis(5)) {
                 return Ok(());
             }
             kicks += 1;
@@ -648,7 +653,7 @@ impl Vmm {
             control::Command::Status => Ok(format!(
                 "{} vcpus={} mem_mib={} snapshot_dir={}",
                 state(control.is_paused()),
-                self.vcpus.len(),
+                threads.len(),
                 self.mem_mib,
                 self.snapshot_dir
                     .as_ref()
@@ -668,6 +673,7 @@ impl Vmm {
             control::Command::Snapshot { dir, incremental } => {
                 let was_paused = control.is_paused();
                 self.wp_faults = 0;
+                let msrs = self.msrs()?;
                 // Other runnable threads on the host must not stretch the
                 // pause: the VMM thread runs it at real-time priority.
                 let _rt = RealTime::enter();
@@ -675,14 +681,31 @@ impl Vmm {
                 // Device workers park while the vCPUs are being stopped;
                 // capture() waits for them.
                 self.mmio.request_pause_all();
-                if !was_paused {
-                    if let Err(e) = self.pause_vcpus(control, threads) {
-                        self.mmio.resume_all();
-                        return Err(e);
+                // Each vCPU thread saves its own vCPU, all at once, as it
+                // parks (or now, if already parked); capture() takes them.
+                let save = control.request_save(msrs);
+                let parked = if was_paused {
+                    Ok(())
+                } else {
+                    self.pause_vcpus(control, threads)
+                };
+                let saved = parked.and_then(|()| {
+                    if control.wait_saved(save, Duration::from_secs(5)) {
+                        Ok(())
+                    } else {
+                        Err("vCPUs did not save their state within 5 s".to_string())
                     }
+                });
+                if let Err(e) = saved {
+                    control.cancel_save(save);
+                    if !was_paused {
+                        control.resume();
+                    }
+                    self.mmio.resume_all();
+                    return Err(e);
                 }
                 let kick_us = t0.elapsed().as_micros();
-                let staged = self.capture(&dir, incremental, t0);
+                let staged = self.capture(control, save, &dir, incremental, t0);
                 if !was_paused {
                     control.resume();
                 }
@@ -731,16 +754,20 @@ impl Vmm {
         }
     }
 
-    /// With the vCPUs parked: saves CPU/VM/device state and copies the
-    /// pages for this snapshot into a staging buffer (or protects them for
+    /// With the vCPUs parked: takes the vCPU states their threads saved
+    /// for request `save`, saves VM/device state and copies the pages for
+    /// this snapshot into a staging buffer (or protects them for
     /// copy-on-write). Leaves the device workers parked.
     fn capture(
         &mut self,
+        control: &vcpu::VcpuControl,
+        save: u64,
         dir: &std::path::Path,
         incremental: bool,
         paused_at: Instant,
     ) -> Result<(snapshot::MachineSnapshot, Staged, PauseParts), String> {
         let t0 = Instant::now();
+        let vcpus = control.take_states(save)?;
         let seq = if incremental {
             if self.snapshot_dir.as_deref() != Some(dir) {
                 return Err(snapshot::SnapshotError::NeedBase(dir.into()).to_string());
@@ -763,11 +790,6 @@ impl Vmm {
             }
             0
         };
-        let msrs = remora_vmstate::msrs_to_save(&self.kvm).map_err(|e| e.to_string())?;
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for fd in &self.vcpus {
-            vcpus.push(remora_vmstate::save_vcpu(&mut lock(fd), &msrs).map_err(|e| e.to_string())?);
-        }
         let vm = remora_vmstate::save_vm(&self.vm).map_err(|e| e.to_string())?;
         let serial = lock(&self.serial).state();
         // Device workers park between requests for the same cut; the
@@ -801,6 +823,18 @@ impl Vmm {
             staging,
             parts,
         ))
+    }
+
+    /// The MSRs every vCPU saves (KVM's list, read once).
+    fn msrs(&mut self) -> Result<Arc<[u32]>, String> {
+        if let Some(m) = &self.msrs {
+            return Ok(m.clone());
+        }
+        let list: Arc<[u32]> = remora_vmstate::msrs_to_save(&self.kvm)
+            .map_err(|e| e.to_string())?
+            .into();
+        self.msrs = Some(list.clone());
+        Ok(list)
     }
 
     /// Stages this snapshot's pages (all for a base, dirty for an
