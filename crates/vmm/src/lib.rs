@@ -182,8 +182,9 @@ pub struct Vmm {
     vm: VmFd,
     mem: GuestMemoryMmap,
     mem_mib: u64,
-    /// Until [`Vmm::run`] hands each to its thread.
-    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// The vCPUs until [`Vmm::run`] hands each to its thread (the only one
+    /// to use it); empty from then on (count the vCPU threads instead).
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     /// The MSRs each vCPU saves, once known.
     msrs: Option<Arc<[u32]>>,
     bus: PioBus,
@@ -511,7 +512,7 @@ impl Vmm {
             vm,
             mem,
             mem_mib,
-            vcpus,
+            vcpu_fds: vcpus,
             msrs: None,
             bus,
             mmio,
@@ -573,10 +574,10 @@ impl Vmm {
                 error,
             })?;
         }
-        let control = Arc::new(vcpu::VcpuControl::new(self.vcpus.len()));
+        let control = Arc::new(vcpu::VcpuControl::new(self.vcpu_fds.len()));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         // Each vCPU fd goes to its thread, the only one to use it.
-        for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+        for (index, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
             let buses = (self.bus.clone(), self.mmio.clone());
             let (mem, control, events) = (self.mem.clone(), control.clone(), self.events_tx.clone());
             let t = std::thread::Builder::new()
