@@ -255,6 +255,22 @@ fn main() {
             .map(|(k, v)| format!("{}={:.0}", k.trim_end_matches("_us"), mean(v)))
             .collect();
         println!("{:<22}   mean: pause={:.0} {}", "", mean(&s.pause_us), parts.join(" "));
+        // The parts that do not scale with dirty pages, as percentiles.
+        let spread: Vec<String> = s
+            .parts
+            .iter()
+            .filter(|(k, _)| matches!(*k, "kick_us" | "state_us"))
+            .map(|(k, v)| {
+                format!(
+                    "{} p50/p99/max={}/{}/{}",
+                    k.trim_end_matches("_us"),
+                    pct(v, 0.5),
+                    pct(v, 0.99),
+                    pct(v, 1.0)
+                )
+            })
+            .collect();
+        println!("{:<22}   {}", "", spread.join(", "));
         if !s.note.is_empty() {
             println!("{:<22}   {}", "", s.note);
         }

@@ -26,6 +26,10 @@ fn assert_clear_error(run: &Run, needles: &[&str]) {
     );
     let errors = run.error_lines();
     run.check(errors.len() == 1, "expected exactly one error line");
+    run.check(
+        errors[0].matches("(os error").count() <= 1,
+        "the error line repeats its OS error",
+    );
     for n in needles {
         run.check(errors[0].contains(n), &format!("error line lacks '{n}'"));
     }

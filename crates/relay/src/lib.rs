@@ -43,12 +43,12 @@ const MAX_SLEEP: Duration = Duration::from_millis(50);
 pub enum RelayError {
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("cannot bring TAP '{name}' up: {source}")]
-    LinkUp { name: String, source: io::Error },
+    #[error("cannot bring TAP '{name}' up: {error}")]
+    LinkUp { name: String, error: io::Error },
     #[error("{0}")]
     Config(String),
-    #[error("{what}: {source}")]
-    Io { what: &'static str, source: io::Error },
+    #[error("{what}: {error}")]
+    Io { what: &'static str, error: io::Error },
 }
 
 /// What to relay and how.
@@ -183,9 +183,9 @@ impl Relay {
         for name in [&cfg.inner_tap, &cfg.outer_tap] {
             let tap = Tap::open(name)?;
             tap.set_offload(offloads)?;
-            link_up(name).map_err(|source| RelayError::LinkUp {
+            link_up(name).map_err(|error| RelayError::LinkUp {
                 name: name.clone(),
-                source,
+                error,
             })?;
             taps.push(tap);
         }
@@ -326,7 +326,7 @@ impl Relay {
             }
             return Err(RelayError::Io {
                 what: "waiting for the TAPs",
-                source: e,
+                error: e,
             });
         }
         let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
@@ -351,7 +351,7 @@ impl Relay {
                     _ => {
                         return Err(RelayError::Io {
                             what: "reading a TAP",
-                            source: e,
+                            error: e,
                         })
                     }
                 }

@@ -56,12 +56,12 @@ pub enum BackupError {
     NoTap(String),
     #[error("disk {path}: {why}")]
     Disk { path: PathBuf, why: String },
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: SocketAddr, error: std::io::Error },
     #[error("the primary was lost ({why}) before its first checkpoint completed: there is no guest state to resume")]
     NothingToResume { why: String },
     #[error("cannot resume the guest: {0}")]
-    Restore(#[from] remora_vmm::VmError),
+    Restore(remora_vmm::VmError),
     #[error("{0}")]
     Other(String),
 }
@@ -139,9 +139,9 @@ struct Standby {
 /// Runs the backup until it takes over or the primary's guest ends.
 pub fn serve(opts: BackupOptions, console: Box<dyn Write + Send>) -> Result<Outcome, BackupError> {
     let (devices, mut disks) = local_identity(&opts)?;
-    let listener = TcpListener::bind(opts.listen).map_err(|source| BackupError::Listen {
+    let listener = TcpListener::bind(opts.listen).map_err(|error| BackupError::Listen {
         addr: opts.listen,
-        source,
+        error,
     })?;
     eprintln!(
         "remora backup: listening on {} ({} net, {} disk; heartbeat timeout {} ms)",
@@ -525,7 +525,8 @@ fn takeover(
             engines,
             disk_ids: s.disk_ids,
         },
-    )?;
+    )
+    .map_err(BackupError::Restore)?;
     let timing = FailoverTiming {
         detect,
         restore: t0.elapsed(),

@@ -38,7 +38,15 @@ pub enum AcpiError {
     #[error("ACPI tables ({0} bytes) do not fit below 1 MiB")]
     TooLarge(usize),
     #[error("cannot write ACPI tables into guest memory: {0}")]
-    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    GuestMemory(vm_memory::GuestMemoryError),
+}
+
+// Not `#[from]`, which would also make it the error's source: the message
+// already says it, and a source would be printed a second time.
+impl From<vm_memory::GuestMemoryError> for AcpiError {
+    fn from(e: vm_memory::GuestMemoryError) -> Self {
+        AcpiError::GuestMemory(e)
+    }
 }
 
 /// Serializes `Device(path) { _HID, _UID, [_CCA 1,] _CRS }` into `sink`.

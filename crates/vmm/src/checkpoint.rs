@@ -136,7 +136,19 @@ impl Vmm {
     }
 
     pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
+        self.vcpu_count
+    }
+
+    /// Reads and clears the dirty logs into both dirty sets: the
+    /// snapshots' and, while replication tracks, the checkpoints'. Neither
+    /// consumer may steal the other's pages.
+    pub(crate) fn harvest(&mut self) -> Result<(), String> {
+        let fresh = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+        self.dirty.add(&fresh);
+        if self.tracking {
+            self.repl_dirty.add(&fresh);
+        }
+        Ok(())
     }
 
     /// Installs the replication driver's handler of `ctl protect` and its
@@ -167,16 +179,18 @@ impl Vmm {
                 memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
                 // From here on every write is logged; what was there before
                 // is in the populated pages.
-                let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
-                self.carry.clear();
+                self.harvest()?;
+                self.tracking = true;
+                self.repl_dirty.delivered();
                 for d in &self.repl.disks {
                     d.log.start();
                 }
                 Ok(ReplReply::Pages(Staging::populated_pages(&self.mem)))
             }
             ReplRequest::Harvest => {
-                let mut pages = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
-                merge_carry(&mut pages, &mut self.carry);
+                self.harvest()?;
+                let pages = self.repl_dirty.pages().to_vec();
+                self.repl_dirty.delivered();
                 Ok(ReplReply::Pages(pages))
             }
             ReplRequest::Carry { pages } => {
@@ -193,7 +207,8 @@ impl Vmm {
                 for d in &self.repl.disks {
                     d.log.stop();
                 }
-                self.carry.clear();
+                self.tracking = false;
+                self.repl_dirty.delivered();
                 if self.snapshot_dir.is_none() {
                     // Snapshots still need the dirty log once they started.
                     memory::register_memory(&self.vm, &self.mem, false).map_err(|e| format!("dirty logging: {e}"))?;
@@ -215,9 +230,7 @@ impl Vmm {
         if control.is_paused() {
             return Err(PAUSED.into());
         }
-        if self.msrs.is_none() {
-            self.msrs = Some(remora_vmstate::msrs_to_save(&self.kvm).map_err(|e| e.to_string())?);
-        }
+        let msrs = self.msrs()?;
         let _rt = crate::RealTime::enter();
         for n in &self.repl.nets {
             if protect {
@@ -227,11 +240,22 @@ impl Vmm {
         }
         let t0 = Instant::now();
         self.mmio.request_pause_all();
-        if let Err(e) = self.pause_vcpus(control, threads) {
+        // Each vCPU thread saves its own state as it parks.
+        let save = control.request_save(msrs);
+        let saved = self.pause_vcpus(control, threads).and_then(|()| {
+            if control.wait_saved(save, std::time::Duration::from_secs(5)) {
+                Ok(())
+            } else {
+                Err("vCPUs did not save their state within 5 s".to_string())
+            }
+        });
+        if let Err(e) = saved {
+            control.cancel_save(save);
+            control.resume();
             self.mmio.resume_all();
             return Err(e);
         }
-        let captured = self.capture_checkpoint(seq, buf);
+        let captured = self.capture_checkpoint(control, save, seq, buf);
         control.resume();
         let pause_us = t0.elapsed().as_micros() as u64;
         self.mmio.resume_all();
@@ -252,6 +276,8 @@ impl Vmm {
     #[allow(clippy::type_complexity)]
     fn capture_checkpoint(
         &mut self,
+        control: &crate::vcpu::VcpuControl,
+        save: u64,
         seq: u64,
         buf: Vec<u8>,
     ) -> Result<
@@ -266,25 +292,23 @@ impl Vmm {
         String,
     > {
         let t0 = Instant::now();
-        let msrs = self.msrs.clone().unwrap_or_default();
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for fd in &self.vcpus {
-            vcpus.push(remora_vmstate::save_vcpu(&mut lock(fd), &msrs).map_err(|e| e.to_string())?);
-        }
+        let vcpus = control.take_states(save)?;
         let vm = remora_vmstate::save_vm(&self.vm).map_err(|e| e.to_string())?;
         let serial = lock(&self.serial).state();
-        let devices = self.mmio.pause_all();
+        let devices = self
+            .mmio
+            .pause_all()
+            .map_err(|e| format!("cannot checkpoint the devices: {e}"))?;
         // Device workers are parked: their seals and logs are final.
         let engines: Vec<Option<Sealed>> = self.repl.nets.iter().map(|n| n.commit.take_sealed()).collect();
         let disks: Vec<Vec<DiskWrite>> = self.repl.disks.iter().map(|d| d.log.take()).collect();
         let state_us = t0.elapsed().as_micros() as u64;
         let t1 = Instant::now();
-        let mut dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"));
-        if let Ok(d) = &mut dirty {
-            merge_carry(d, &mut self.carry);
-        }
-        let dirty = dirty?;
-        let (pages, _) = Staging::copy_until(&self.mem, &dirty, buf, None);
+        self.harvest()?;
+        let (pages, _) = Staging::copy_until(&self.mem, self.repl_dirty.pages(), buf, None);
+        // Staged: a checkpoint that does not reach the backup ends the
+        // protection, and a new one starts with a full copy.
+        self.repl_dirty.delivered();
         let copy_us = t1.elapsed().as_micros() as u64;
         let state = MachineSnapshot {
             seq: seq as u32,
@@ -297,34 +321,9 @@ impl Vmm {
         Ok((state, pages, engines, disks, state_us, copy_us))
     }
 
-    /// A checkpoint whose pages did not reach the backup: its pages go into
-    /// the next one (never lost).
+    /// Pages harvested but not sent (the rest of a pre-copy): the next
+    /// checkpoint holds them.
     pub fn carry_pages(&mut self, pages: &[u64]) {
-        self.carry.extend_from_slice(pages);
-    }
-}
-
-/// Adds the carried pages to `pages` (sorted, without duplicates) and
-/// empties the carry.
-fn merge_carry(pages: &mut Vec<u64>, carry: &mut Vec<u64>) {
-    if carry.is_empty() {
-        return;
-    }
-    pages.append(carry);
-    pages.sort_unstable();
-    pages.dedup();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn carried_pages_merge_once() {
-        let mut pages = vec![0x1000, 0x3000];
-        let mut carry = vec![0x3000, 0x2000];
-        merge_carry(&mut pages, &mut carry);
-        assert_eq!(pages, vec![0x1000, 0x2000, 0x3000]);
-        assert!(carry.is_empty());
+        self.repl_dirty.add(pages);
     }
 }

@@ -9,7 +9,8 @@
 //! With replication, `status` goes on with the driver's `key=value` pairs
 //! (protected, epoch, pauses, lag, output held, backup).
 //! A snapshot's reply goes on with where the pause went (microseconds):
-//! `kick_us` (stopping the vCPUs), `state_us` (vCPU/VM/device state),
+//! `kick_us` (stopping the vCPUs, each of which saves its own state as it
+//! stops), `state_us` (VM and device state),
 //! `harvest_us` (dirty logs), `protect_us` (write-protecting pages left for
 //! copy-on-write), `copy_us` (copying pages; with
 //! copy-on-write this includes the copy after the pause), `wp_runs` and

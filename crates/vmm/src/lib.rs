@@ -136,8 +136,8 @@ pub enum VmError {
     KvmMissing { path: PathBuf },
     #[error("permission denied opening {path}: run as root or join the group that owns it (usually 'kvm')")]
     KvmPermission { path: PathBuf },
-    #[error("cannot open {path}: {source}")]
-    KvmOpen { path: PathBuf, source: std::io::Error },
+    #[error("cannot open {path}: {error}")]
+    KvmOpen { path: PathBuf, error: std::io::Error },
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {requested} is more than this host's KVM allows ({max})")]
@@ -163,9 +163,17 @@ pub enum VmError {
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
     #[error("cannot restore: {0}")]
-    State(#[from] remora_vmstate::StateError),
-    #[error("control socket {path}: {source}")]
-    Control { path: PathBuf, source: std::io::Error },
+    State(remora_vmstate::StateError),
+    #[error("control socket {path}: {error}")]
+    Control { path: PathBuf, error: std::io::Error },
+}
+
+// Not `#[from]`, which would also make it the error's source: the message
+// already says it, and a source would be printed a second time.
+impl From<remora_vmstate::StateError> for VmError {
+    fn from(e: remora_vmstate::StateError) -> Self {
+        VmError::State(e)
+    }
 }
 
 impl VmError {
@@ -181,16 +189,22 @@ pub struct Vmm {
     vm: VmFd,
     mem: GuestMemoryMmap,
     mem_mib: u64,
-    vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+    /// The vCPUs until [`Vmm::run`] hands each to its thread (the only one
+    /// to use it); empty from then on (count the vCPU threads instead).
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    /// The MSRs each vCPU saves, once known.
+    msrs: Option<Arc<[u32]>>,
     bus: PioBus,
     mmio: MmioBus,
     serial: Arc<Mutex<SerialConsole>>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     control_path: Option<PathBuf>,
-    /// Directory of the snapshot chain being extended, once a base exists
-    /// (KVM dirty logging is on from then).
+    /// Directory of the snapshot chain being extended, once a base was
+    /// written there (KVM dirty logging is on from the first base tried).
     snapshot_dir: Option<PathBuf>,
+    /// Pages dirtied since the last snapshot that was written in full.
+    dirty: memory::DirtyCarry,
     /// The staging buffer of the last snapshot, kept for the next one.
     staging_buf: Vec<u8>,
     /// Copy-on-write for increments (None: copy during the pause).
@@ -210,10 +224,12 @@ pub struct Vmm {
     repl: checkpoint::ReplDevices,
     /// The replication driver's part of `protect` and `status`.
     repl_hook: Option<Box<dyn checkpoint::ReplHook>>,
-    /// MSRs saved with each vCPU (asked of KVM once).
-    msrs: Option<Vec<u32>>,
-    /// Dirty pages of a checkpoint that failed, for the next one.
-    carry: Vec<u64>,
+    /// Pages written since the last checkpoint reached the backup, while
+    /// replication tracks them (every harvest feeds it and `dirty`).
+    repl_dirty: memory::DirtyCarry,
+    tracking: bool,
+    /// vCPUs of the VM (`vcpu_fds` is empty once it runs).
+    vcpu_count: usize,
 }
 
 /// Merge dirty pages at most this many clean pages apart into one
@@ -434,7 +450,7 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
         libc::EACCES | libc::EPERM => VmError::KvmPermission { path: path.into() },
         _ => VmError::KvmOpen {
             path: path.into(),
-            source: std::io::Error::from_raw_os_error(e.errno()),
+            error: std::io::Error::from_raw_os_error(e.errno()),
         },
     })
 }
@@ -494,7 +510,7 @@ impl Vmm {
             let mut v = vcpu::Vcpu { index, fd };
             let cpuid = cpuid::vcpu_cpuid(&supported, index, nvcpus, &hidden);
             vcpu::configure(&mut v, &cpuid, &mem, &entry)?;
-            vcpus.push(Arc::new(Mutex::new(v.fd)));
+            vcpus.push(v.fd);
         }
         tracing::info!(vcpus = nvcpus, mem_mib = config.mem_mib, mode = ?entry.mode, entry = entry.entry_addr, "VM built");
         let mut vmm = Vmm::assemble(
@@ -580,7 +596,7 @@ impl Vmm {
         for (i, vs) in state.vcpus.iter().enumerate() {
             let fd = vm.create_vcpu(i as u64).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
             remora_vmstate::restore_vcpu(&fd, vs)?;
-            vcpus.push(Arc::new(Mutex::new(fd)));
+            vcpus.push(fd);
         }
         remora_vmstate::restore_vm(&vm, &state.vm)?;
         let mmio = attach_virtio(&vm, &mem, virtio, Some(&state.devices))?;
@@ -601,16 +617,18 @@ impl Vmm {
         kvm: Kvm,
         vm: VmFd,
         (mem, mem_mib): (GuestMemoryMmap, u64),
-        vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+        vcpus: Vec<kvm_ioctls::VcpuFd>,
         (bus, mmio, serial): (PioBus, MmioBus, Arc<Mutex<SerialConsole>>),
         (events_tx, events_rx): (Sender<VmEvent>, Receiver<VmEvent>),
     ) -> Vmm {
+        let vcpu_count = vcpus.len();
         Vmm {
             kvm,
             vm,
             mem,
             mem_mib,
-            vcpus,
+            vcpu_fds: vcpus,
+            msrs: None,
             bus,
             mmio,
             serial,
@@ -618,6 +636,7 @@ impl Vmm {
             events_rx,
             control_path: None,
             snapshot_dir: None,
+            dirty: memory::DirtyCarry::default(),
             staging_buf: Vec::new(),
             wp: None,
             wp_tried: false,
@@ -626,8 +645,9 @@ impl Vmm {
             next_seq: None,
             repl: checkpoint::ReplDevices::default(),
             repl_hook: None,
-            msrs: None,
-            carry: Vec::new(),
+            repl_dirty: memory::DirtyCarry::default(),
+            tracking: false,
+            vcpu_count,
         }
     }
 
@@ -665,21 +685,21 @@ impl Vmm {
 
     /// Runs the VM until it ends, then stops every vCPU.
     pub fn run(mut self) -> Result<VmExit, VmError> {
-        extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        // Re-registering the same no-op handler on a later VM is harmless.
-        register_signal_handler(SIGRTMIN(), kick_handler)
+        // Re-registering the same handler on a later VM is harmless.
+        register_signal_handler(SIGRTMIN(), vcpu::kick_handler)
             .map_err(|e| VmError::Setup(format!("vCPU kick signal handler: {e}")))?;
         if let Some(path) = &self.control_path {
-            control::serve(path, self.events_tx.clone()).map_err(|source| VmError::Control {
+            control::serve(path, self.events_tx.clone()).map_err(|error| VmError::Control {
                 path: path.clone(),
-                source,
+                error,
             })?;
         }
-        let control = Arc::new(vcpu::VcpuControl::default());
+        let control = Arc::new(vcpu::VcpuControl::new(self.vcpu_fds.len()));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (index, fd) in self.vcpus.iter().enumerate() {
+        // Each vCPU fd goes to its thread, the only one to use it.
+        for (index, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
             let buses = (self.bus.clone(), self.mmio.clone());
-            let (fd, mem, control, events) = (fd.clone(), self.mem.clone(), control.clone(), self.events_tx.clone());
+            let (mem, control, events) = (self.mem.clone(), control.clone(), self.events_tx.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || vcpu::run_loop(index as u8, fd, mem, buses, control, events))
@@ -727,13 +747,19 @@ impl Vmm {
     fn pause_vcpus(&self, control: &vcpu::VcpuControl, threads: &[JoinHandle<()>]) -> Result<(), String> {
         control.request_pause();
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut kicks = 0;
         loop {
+            // One signal per thread is enough: it ends a KVM_RUN, or the
+            // next one (see vcpu::kick_handler). Kicking again every few
+            // milliseconds is only a safety net.
             for t in threads {
                 let _ = t.kill(SIGRTMIN());
             }
-            if control.wait_paused(threads.len(), Duration::from_micros(200)) {
+            if control.wait_paused(Duration::from_millis(5)) {
                 return Ok(());
             }
+            kicks += 1;
+            tracing::debug!(kicks, "vCPUs not parked 5 ms after a kick, kicking again");
             if Instant::now() > deadline {
                 control.resume();
                 return Err("vCPUs did not pause within 5 s".into());
@@ -753,7 +779,7 @@ impl Vmm {
                 let mut line = format!(
                     "{} vcpus={} mem_mib={} snapshot_dir={}",
                     state(control.is_paused()),
-                    self.vcpus.len(),
+                    threads.len(),
                     self.mem_mib,
                     self.snapshot_dir
                         .as_ref()
@@ -780,6 +806,7 @@ impl Vmm {
             control::Command::Snapshot { dir, incremental } => {
                 let was_paused = control.is_paused();
                 self.wp_faults = 0;
+                let msrs = self.msrs()?;
                 // Other runnable threads on the host must not stretch the
                 // pause: the VMM thread runs it at real-time priority.
                 let _rt = RealTime::enter();
@@ -787,14 +814,31 @@ impl Vmm {
                 // Device workers park while the vCPUs are being stopped;
                 // capture() waits for them.
                 self.mmio.request_pause_all();
-                if !was_paused {
-                    if let Err(e) = self.pause_vcpus(control, threads) {
-                        self.mmio.resume_all();
-                        return Err(e);
+                // Each vCPU thread saves its own vCPU, all at once, as it
+                // parks (or now, if already parked); capture() takes them.
+                let save = control.request_save(msrs);
+                let parked = if was_paused {
+                    Ok(())
+                } else {
+                    self.pause_vcpus(control, threads)
+                };
+                let saved = parked.and_then(|()| {
+                    if control.wait_saved(save, Duration::from_secs(5)) {
+                        Ok(())
+                    } else {
+                        Err("vCPUs did not save their state within 5 s".to_string())
                     }
+                });
+                if let Err(e) = saved {
+                    control.cancel_save(save);
+                    if !was_paused {
+                        control.resume();
+                    }
+                    self.mmio.resume_all();
+                    return Err(e);
                 }
                 let kick_us = t0.elapsed().as_micros();
-                let staged = self.capture(&dir, incremental, t0);
+                let staged = self.capture(control, save, &dir, incremental, t0);
                 if !was_paused {
                     control.resume();
                 }
@@ -820,9 +864,21 @@ impl Vmm {
                 };
                 let pages = staging.pages.len();
                 let written = snapshot::write(&dir, &state, &staging);
-                self.next_seq = written.is_ok().then_some(state.seq + 1);
                 self.staging_buf = staging.into_buffer();
-                let bytes = written.map_err(|e| e.to_string())?;
+                // Only a snapshot written in full extends (or starts) a
+                // chain; a failed one keeps its dirty pages for the next.
+                let bytes = match written {
+                    Ok(bytes) => {
+                        self.dirty.delivered();
+                        self.snapshot_dir = Some(dir);
+                        self.next_seq = Some(state.seq + 1);
+                        bytes
+                    }
+                    Err(e) => {
+                        self.next_seq = None;
+                        return Err(e.to_string());
+                    }
+                };
                 Ok(format!(
                     "seq={} pages={pages} pause_us={pause_us} bytes={bytes} kick_us={kick_us} state_us={} harvest_us={} protect_us={} copy_us={} wp_runs={} wp_faults={}",
                     state.seq, parts.state_us, parts.harvest_us, parts.protect_us, parts.copy_us, parts.runs, self.wp_faults
@@ -831,16 +887,20 @@ impl Vmm {
         }
     }
 
-    /// With the vCPUs parked: saves CPU/VM/device state and copies the
-    /// pages for this snapshot into a staging buffer (or protects them for
+    /// With the vCPUs parked: takes the vCPU states their threads saved
+    /// for request `save`, saves VM/device state and copies the pages for
+    /// this snapshot into a staging buffer (or protects them for
     /// copy-on-write). Leaves the device workers parked.
     fn capture(
         &mut self,
+        control: &vcpu::VcpuControl,
+        save: u64,
         dir: &std::path::Path,
         incremental: bool,
         paused_at: Instant,
     ) -> Result<(snapshot::MachineSnapshot, Staged, PauseParts), String> {
         let t0 = Instant::now();
+        let vcpus = control.take_states(save)?;
         let seq = if incremental {
             if self.snapshot_dir.as_deref() != Some(dir) {
                 return Err(snapshot::SnapshotError::NeedBase(dir.into()).to_string());
@@ -863,16 +923,14 @@ impl Vmm {
             }
             0
         };
-        let msrs = remora_vmstate::msrs_to_save(&self.kvm).map_err(|e| e.to_string())?;
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for fd in &self.vcpus {
-            vcpus.push(remora_vmstate::save_vcpu(&mut lock(fd), &msrs).map_err(|e| e.to_string())?);
-        }
         let vm = remora_vmstate::save_vm(&self.vm).map_err(|e| e.to_string())?;
         let serial = lock(&self.serial).state();
         // Device workers park between requests for the same cut; the
         // caller resumes them once the pages are staged.
-        let devices = self.mmio.pause_all();
+        let devices = self.mmio.pause_all().map_err(|e| {
+            tracing::error!("snapshot refused, the VM keeps running: {e}");
+            format!("cannot snapshot the devices: {e}")
+        })?;
         let t1 = Instant::now();
         let (staging, harvest_us, copy_us) = self.stage_pages(incremental, paused_at)?;
         let t2 = Instant::now();
@@ -886,7 +944,6 @@ impl Vmm {
                 Staged::Protected { runs, .. } => runs.len(),
             },
         };
-        self.snapshot_dir = Some(dir.to_path_buf());
         Ok((
             snapshot::MachineSnapshot {
                 seq,
@@ -901,14 +958,29 @@ impl Vmm {
         ))
     }
 
+    /// The MSRs every vCPU saves (KVM's list, read once).
+    fn msrs(&mut self) -> Result<Arc<[u32]>, String> {
+        if let Some(m) = &self.msrs {
+            return Ok(m.clone());
+        }
+        let list: Arc<[u32]> = remora_vmstate::msrs_to_save(&self.kvm)
+            .map_err(|e| e.to_string())?
+            .into();
+        self.msrs = Some(list.clone());
+        Ok(list)
+    }
+
     /// Stages this snapshot's pages (all for a base, dirty for an
     /// increment): copies them, or write-protects them for
     /// [`Vmm::copy_protected`] after the pause; also returns the time the
     /// dirty-log harvest took.
     fn stage_pages(&mut self, incremental: bool, paused_at: Instant) -> Result<(Staged, u128, u128), String> {
         let t = Instant::now();
+        // Pages of earlier snapshots that failed to be written stay in the
+        // set until one is written (see memory::DirtyCarry).
         Ok(if incremental {
-            let dirty = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            self.harvest()?;
+            let dirty = self.dirty.pages();
             let harvest_us = t.elapsed().as_micros();
             if self.pause_copy.is_some() && !self.wp_tried {
                 // Registered only when used: it is not free for the guest.
@@ -923,7 +995,7 @@ impl Vmm {
                 (Some(_), Some(d)) => Some(paused_at + d),
                 _ => None,
             };
-            let (staging, done) = snapshot::Staging::copy_until(&self.mem, &dirty, buf, deadline);
+            let (staging, done) = snapshot::Staging::copy_until(&self.mem, dirty, buf, deadline);
             let copy_us = t.elapsed().as_micros() - harvest_us;
             if done == dirty.len() {
                 return Ok((Staged::Copied(staging), harvest_us, copy_us));
@@ -938,7 +1010,7 @@ impl Vmm {
                     Staged::Protected {
                         staging,
                         in_pause: done,
-                        pages: dirty,
+                        pages: dirty.to_vec(),
                         runs,
                     },
                     harvest_us,
@@ -960,7 +1032,9 @@ impl Vmm {
             let buf = std::mem::take(&mut self.staging_buf);
             // From the base on, KVM logs guest writes for the increments.
             memory::register_memory(&self.vm, &self.mem, true).map_err(|e| format!("dirty logging: {e}"))?;
-            let _ = memory::harvest_dirty(&self.vm, &self.mem).map_err(|e| format!("dirty log: {e}"))?;
+            // A base holds every page; its harvest only matters to the
+            // current chain, if the base is not written.
+            self.harvest()?;
             let harvest_us = t.elapsed().as_micros();
             let staging =
                 snapshot::Staging::copy_into(&self.mem, &snapshot::Staging::populated_pages(&self.mem), true, buf);

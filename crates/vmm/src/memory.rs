@@ -33,10 +33,10 @@ pub enum MemoryError {
     TooSmall(u64),
     #[error("--mem {0} MiB is too large for this host's address space")]
     TooLarge(u64),
-    #[error("cannot map {mib} MiB of guest memory: {source}")]
+    #[error("cannot map {mib} MiB of guest memory: {error}")]
     Mmap {
         mib: u64,
-        source: vm_memory::mmap::FromRangesError,
+        error: vm_memory::mmap::FromRangesError,
     },
 }
 
@@ -62,7 +62,7 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError>
         .checked_mul(1 << 20)
         .filter(|b| *b <= (1u64 << 40))
         .ok_or(MemoryError::TooLarge(mem_mib))?;
-    GuestMemoryMmap::from_ranges(&ram_ranges(bytes)).map_err(|source| MemoryError::Mmap { mib: mem_mib, source })
+    GuestMemoryMmap::from_ranges(&ram_ranges(bytes)).map_err(|error| MemoryError::Mmap { mib: mem_mib, error })
 }
 
 /// Registers every region as a KVM memory slot (slot = region index),
@@ -101,8 +101,20 @@ pub const PAGE_SIZE: u64 = 4096;
 /// memory's own bitmap, read-and-reset). Call with the vCPUs paused for an
 /// exact, atomic cut.
 pub fn harvest_dirty(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, kvm_ioctls::Error> {
-    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
     let mut pages = Vec::new();
+    harvest_dirty_into(vm, mem, &mut pages)?;
+    Ok(pages)
+}
+
+/// [`harvest_dirty`] appending to `pages` (in ascending order); on an
+/// error, the pages of the slots read before it are in `pages` (their logs
+/// are cleared, so they must not be dropped).
+pub fn harvest_dirty_into(
+    vm: &kvm_ioctls::VmFd,
+    mem: &GuestMemoryMmap,
+    pages: &mut Vec<u64>,
+) -> Result<(), kvm_ioctls::Error> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
     for (slot, region) in mem.iter().enumerate() {
         let kvm_log = vm.get_dirty_log(slot as u32, region.len() as usize)?;
         // The region's whole AtomicBitmap (not the GuestMemoryRegion slice view).
@@ -118,7 +130,64 @@ pub fn harvest_dirty(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<Vec
             }
         }
     }
-    Ok(pages)
+    Ok(())
+}
+
+/// The dirty set of the next checkpoint (snapshot increment, replication
+/// checkpoint): every page harvested from the dirty logs since the last
+/// checkpoint that reached its destination.
+///
+/// Harvesting clears the logs, so a checkpoint that fails after its
+/// harvest (a write error, a full disk, a lost peer) must not drop its
+/// pages: they stay here and are merged (deduplicated) with the next
+/// harvest, until [`DirtyCarry::delivered`] says a checkpoint holding them
+/// was written (or acknowledged) in full. The rule: a checkpoint that did
+/// not reach its destination never loses its dirty set.
+#[derive(Debug, Default)]
+pub struct DirtyCarry {
+    /// Sorted, without duplicates.
+    pages: Vec<u64>,
+}
+
+impl DirtyCarry {
+    /// Reads and clears the dirty logs (as [`harvest_dirty`]) into the set.
+    /// On an error the pages read before it stay in the set.
+    pub fn harvest(&mut self, vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
+        if self.pages.is_empty() {
+            // The common case: nothing carried, the harvest is the set.
+            let r = harvest_dirty_into(vm, mem, &mut self.pages);
+            if !self.pages.is_sorted() {
+                self.pages.sort_unstable();
+                self.pages.dedup();
+            }
+            return r;
+        }
+        let mut fresh = Vec::new();
+        let r = harvest_dirty_into(vm, mem, &mut fresh);
+        self.add(&fresh);
+        r
+    }
+
+    /// Adds `pages` (guest-physical page addresses) to the set.
+    pub fn add(&mut self, pages: &[u64]) {
+        if pages.is_empty() {
+            return;
+        }
+        self.pages.extend_from_slice(pages);
+        self.pages.sort_unstable();
+        self.pages.dedup();
+    }
+
+    /// The pages the next checkpoint must hold, in ascending order.
+    pub fn pages(&self) -> &[u64] {
+        &self.pages
+    }
+
+    /// A checkpoint holding every page of [`DirtyCarry::pages`] reached its
+    /// destination: the next one starts from the next harvest alone.
+    pub fn delivered(&mut self) {
+        self.pages.clear();
+    }
 }
 
 /// The e820 map for `mem_bytes` of RAM laid out by [`ram_ranges`].
@@ -215,6 +284,34 @@ mod tests {
         assert!(dirty.contains(&0x50_0000), "VMM write missed: {dirty:x?}");
         assert!(dirty.len() <= 4, "unexpected dirty pages: {dirty:x?}");
         assert!(harvest_dirty(&vm, &mem).unwrap().is_empty(), "harvest did not clear");
+    }
+
+    /// Pages of a harvest whose checkpoint failed reach the next one.
+    #[test]
+    fn dirty_carry_keeps_undelivered_pages() {
+        use vm_memory::Bytes;
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        let mem = create_guest_memory(16).unwrap();
+        register_memory(&vm, &mem, true).unwrap();
+        let mut carry = DirtyCarry::default();
+        carry.harvest(&vm, &mem).unwrap();
+        carry.delivered();
+        mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        carry.harvest(&vm, &mem).unwrap();
+        assert_eq!(carry.pages(), [0x3000, 0x5000]);
+        // That checkpoint failed: the next harvest adds to its pages.
+        mem.write_obj(2u8, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(2u8, GuestAddress(0x4000)).unwrap();
+        carry.harvest(&vm, &mem).unwrap();
+        assert_eq!(carry.pages(), [0x3000, 0x4000, 0x5000], "merged and deduplicated");
+        carry.delivered();
+        carry.harvest(&vm, &mem).unwrap();
+        assert!(carry.pages().is_empty(), "{:x?}", carry.pages());
+        carry.add(&[0x9000, 0x1000, 0x9000]);
+        carry.add(&[0x2000]);
+        assert_eq!(carry.pages(), [0x1000, 0x2000, 0x9000]);
     }
 
     #[test]

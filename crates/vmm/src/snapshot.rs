@@ -11,6 +11,14 @@
 //! written to a temporary name, synced, then renamed, so a crash leaves
 //! either the whole file or none. Restore reads the base and every
 //! increment in order and refuses gaps, mismatches and corruption.
+//!
+//! Restore never runs older or damaged state quietly: the directory must
+//! hold a contiguous chain `0000..N` with both files of every snapshot
+//! (only a `.mem` numbered N, left by a write that was cut short, may
+//! follow it), each a regular file (never followed through a symlink);
+//! every `.state` is decoded and checked, and every `.mem` verified, before
+//! any page is applied. A file is read only up to the length its header
+//! records, and a file of any other length is refused.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -48,10 +56,10 @@ pub struct MachineSnapshot {
 /// Errors reading or writing snapshots.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("snapshot I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Format { path: PathBuf, source: format::FormatError },
+    #[error("snapshot I/O on {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Format { path: PathBuf, error: format::FormatError },
     #[error("{path}: not a remora memory file, or a version this remora cannot read")]
     MemHeader { path: PathBuf },
     #[error("{path}: memory file is corrupt or truncated (checksum mismatch)")]
@@ -66,12 +74,25 @@ pub enum SnapshotError {
     NotEmpty(PathBuf),
     #[error("no base snapshot in {0}: take one (without --incremental) first")]
     NeedBase(PathBuf),
+    #[error("{missing} is missing, but {later} exists: the snapshot chain has a gap")]
+    Gap { missing: PathBuf, later: PathBuf },
+    #[error("{path} is missing: every snapshot needs its .state and its .mem")]
+    MissingMem { path: PathBuf },
+    #[error("{path} is not a regular file (a symlink, directory or device): refused")]
+    NotRegular { path: PathBuf },
+    #[error("{path} is {have} bytes, but its header records {want}: {}", if have > want { "trailing bytes" } else { "truncated" })]
+    Length { path: PathBuf, have: u64, want: u64 },
+    #[error("{path} records {what}, unlike the base snapshot of its chain")]
+    Mismatch { path: PathBuf, what: String },
 }
 
+/// Largest `.state` file read: a state is tens of KiB per vCPU.
+const MAX_STATE_BYTES: u64 = 64 << 20;
+
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
-    move |source| SnapshotError::Io {
+    move |error| SnapshotError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -81,6 +102,89 @@ pub fn state_path(dir: &Path, seq: u32) -> PathBuf {
 
 pub fn mem_path(dir: &Path, seq: u32) -> PathBuf {
     dir.join(format!("{seq:04}.mem"))
+}
+
+/// Opens a snapshot file to read: never through a symlink, and only a
+/// regular file (a FIFO does not block the open); returns it and its size.
+fn open_regular(path: &Path) -> Result<(File, u64), SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => SnapshotError::NotRegular { path: path.into() },
+            _ => io_err(path)(e),
+        })?;
+    // The opened file's own metadata: nothing can swap it after the check.
+    let meta = f.metadata().map_err(io_err(path))?;
+    if !meta.file_type().is_file() {
+        return Err(SnapshotError::NotRegular { path: path.into() });
+    }
+    Ok((f, meta.len()))
+}
+
+/// Checks the listing of `dir` and returns the number of snapshots in its
+/// chain: `0000` to `N-1`, each with a `.state` and a `.mem`, all regular
+/// files. Refuses a gap (a later file after a missing one), a missing
+/// `.mem`, an entry that cannot be read and anything but a regular file.
+/// A `.mem` numbered N without its `.state` is a write that was cut short
+/// and is ignored; so are files of other names (such as `.tmp` files).
+pub fn chain_len(dir: &Path) -> Result<u32, SnapshotError> {
+    use std::collections::BTreeSet;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SnapshotError::NoBase(dir.into())),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let (mut states, mut mems) = (BTreeSet::new(), BTreeSet::new());
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some((stem, ext)) = name.to_str().and_then(|n| n.rsplit_once('.')) else {
+            continue;
+        };
+        let set = match ext {
+            "state" => &mut states,
+            "mem" => &mut mems,
+            _ => continue,
+        };
+        // Only the names the writer gives (0000, 0001, ..., 10000, ...).
+        let Some(seq) = stem.parse::<u32>().ok().filter(|s| format!("{s:04}") == stem) else {
+            continue;
+        };
+        let path = entry.path();
+        // Of the entry itself: a symlink is refused, not followed.
+        let kind = entry.file_type().map_err(io_err(&path))?;
+        if !kind.is_file() {
+            return Err(SnapshotError::NotRegular { path });
+        }
+        set.insert(seq);
+    }
+    let n = states.len() as u32;
+    if !states.contains(&0) {
+        return Err(SnapshotError::NoBase(dir.into()));
+    }
+    // n states numbered 0..n unless one is missing.
+    if let Some(missing) = (0..n).find(|s| !states.contains(s)) {
+        let later = states.iter().next_back().map_or(missing, |l| *l);
+        return Err(SnapshotError::Gap {
+            missing: state_path(dir, missing),
+            later: state_path(dir, later),
+        });
+    }
+    if let Some(missing) = (0..n).find(|s| !mems.contains(s)) {
+        return Err(SnapshotError::MissingMem {
+            path: mem_path(dir, missing),
+        });
+    }
+    if let Some(later) = mems.iter().find(|m| **m > n) {
+        return Err(SnapshotError::Gap {
+            missing: state_path(dir, n),
+            later: mem_path(dir, *later),
+        });
+    }
+    Ok(n)
 }
 
 /// The number the next snapshot in `dir` gets (0 if none).
@@ -378,7 +482,7 @@ fn write_atomic(
     write(&mut w).map_err(io_err(&tmp))?;
     let f = w.into_inner().map_err(|e| SnapshotError::Io {
         path: tmp.clone(),
-        source: e.into_error(),
+        error: e.into_error(),
     })?;
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
@@ -416,23 +520,27 @@ pub fn write(dir: &Path, state: &MachineSnapshot, staging: &Staging) -> Result<u
         w.write_all(&crc.to_le_bytes())
     })?;
     let spath = state_path(dir, seq);
-    let bytes = format::encode(STATE_KIND, state).map_err(|source| SnapshotError::Format {
+    let bytes = format::encode(STATE_KIND, state).map_err(|error| SnapshotError::Format {
         path: spath.clone(),
-        source,
+        error,
     })?;
     // The state file is written last: its presence marks a complete snapshot.
     write_atomic(&spath, |w| w.write_all(&bytes))?;
     Ok(staging.pages.len() as u64 * PAGE_SIZE + bytes.len() as u64)
 }
 
-/// Applies one memory file to `mem`; returns the number of pages.
-fn apply_mem(path: &Path, seq: u32, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
-    let f = File::open(path).map_err(io_err(path))?;
-    let len = f.metadata().map_err(io_err(path))?.len();
-    let mut r = BufReader::with_capacity(1 << 20, f);
+/// Reads memory file `seq` once, from its header to its checksum: refuses
+/// a file that is not regular, another length than its header records, a
+/// page outside `mem`, or a checksum mismatch. With `apply`, writes every
+/// page into `mem` as it goes (so verify a file first). Returns the number
+/// of pages.
+fn read_mem(path: &Path, seq: u32, mem: &GuestMemoryMmap, apply: bool) -> Result<u64, SnapshotError> {
+    const HDR: u64 = 24;
+    const REC: u64 = 8 + PAGE_SIZE;
+    let (f, size) = open_regular(path)?;
     let mut crc = crc32fast::Hasher::new();
-    let mut hdr = [0u8; 24];
-    r.read_exact(&mut hdr)
+    let mut hdr = [0u8; HDR as usize];
+    (&f).read_exact(&mut hdr)
         .map_err(|_| SnapshotError::MemHeader { path: path.into() })?;
     crc.update(&hdr);
     let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
@@ -442,43 +550,82 @@ fn apply_mem(path: &Path, seq: u32, mem: &GuestMemoryMmap) -> Result<u64, Snapsh
     let mut cnt = [0u8; 8];
     cnt.copy_from_slice(&hdr[16..24]);
     let count = u64::from_le_bytes(cnt);
-    // The size must match before anything is applied: a torn file is refused whole.
-    if count.checked_mul(8 + PAGE_SIZE).and_then(|b| b.checked_add(24 + 4)) != Some(len) {
-        return Err(SnapshotError::MemChecksum { path: path.into() });
+    // The size must match before anything is read on: a torn or padded
+    // file is refused whole.
+    let want = count.checked_mul(REC).and_then(|b| b.checked_add(HDR + 4));
+    if want != Some(size) {
+        return Err(SnapshotError::Length {
+            path: path.into(),
+            have: size,
+            want: want.unwrap_or(u64::MAX),
+        });
     }
-    // Verify first, then apply: read twice rather than apply a corrupt file.
-    let mut rec = vec![0u8; 8 + PAGE_SIZE as usize];
+    // Never more than recorded (and one byte to see a file that grew).
+    let mut r = BufReader::with_capacity(1 << 20, (&f).take(size - HDR + 1));
+    let mut rec = vec![0u8; REC as usize];
     for _ in 0..count {
         r.read_exact(&mut rec).map_err(io_err(path))?;
         crc.update(&rec);
+        let mut g = [0u8; 8];
+        g.copy_from_slice(&rec[..8]);
+        let gpa = u64::from_le_bytes(g);
+        if gpa % PAGE_SIZE != 0 || mem.checked_offset(GuestAddress(gpa), P - 1).is_none() {
+            return Err(SnapshotError::PageOutside { path: path.into(), gpa });
+        }
+        if apply {
+            mem.write_slice(&rec[8..], GuestAddress(gpa))
+                .map_err(|_| SnapshotError::PageOutside { path: path.into(), gpa })?;
+        }
     }
     let mut tail = [0u8; 4];
     r.read_exact(&mut tail).map_err(io_err(path))?;
     if crc.finalize() != u32::from_le_bytes(tail) {
         return Err(SnapshotError::MemChecksum { path: path.into() });
     }
-    let f = File::open(path).map_err(io_err(path))?;
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    r.read_exact(&mut hdr).map_err(io_err(path))?;
-    for _ in 0..count {
-        r.read_exact(&mut rec).map_err(io_err(path))?;
-        let mut g = [0u8; 8];
-        g.copy_from_slice(&rec[..8]);
-        let gpa = u64::from_le_bytes(g);
-        mem.write_slice(&rec[8..], GuestAddress(gpa))
-            .map_err(|_| SnapshotError::PageOutside { path: path.into(), gpa })?;
+    let mut more = [0u8; 1];
+    if r.read(&mut more).map_err(io_err(path))? != 0 {
+        return Err(SnapshotError::Length {
+            path: path.into(),
+            have: size + 1,
+            want: size,
+        });
     }
     Ok(count)
 }
 
-/// Reads the state file `seq` of `dir`.
+/// Verifies one memory file, then applies it to `mem`; returns the number
+/// of pages.
+#[cfg(test)]
+fn apply_mem(path: &Path, seq: u32, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
+    read_mem(path, seq, mem, false)?;
+    read_mem(path, seq, mem, true)
+}
+
+/// Reads the state file `seq` of `dir`: a regular file, exactly as long
+/// as its header records (at most [`MAX_STATE_BYTES`]), that decodes and
+/// says it is number `seq`.
 pub fn read_state(dir: &Path, seq: u32) -> Result<MachineSnapshot, SnapshotError> {
     let path = state_path(dir, seq);
-    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-    let s: MachineSnapshot = format::decode(STATE_KIND, &bytes).map_err(|source| SnapshotError::Format {
+    let format_err = |error| SnapshotError::Format {
         path: path.clone(),
-        source,
+        error,
+    };
+    let (f, size) = open_regular(&path)?;
+    let mut bytes = vec![0u8; format::HEADER_LEN];
+    (&f).read_exact(&mut bytes).map_err(|_| {
+        format_err(format::FormatError::Truncated {
+            have: size as usize,
+            need: format::HEADER_LEN,
+        })
     })?;
+    let len = format::payload_len(STATE_KIND, &bytes).map_err(format_err)?;
+    let want = len.saturating_add(format::HEADER_LEN as u64);
+    if size != want || want > MAX_STATE_BYTES {
+        return Err(SnapshotError::Length { path, have: size, want });
+    }
+    // Never more than recorded (and one byte to see a file that grew).
+    (&f).take(len + 1).read_to_end(&mut bytes).map_err(io_err(&path))?;
+    let s: MachineSnapshot = format::decode(STATE_KIND, &bytes).map_err(format_err)?;
     if s.seq != seq {
         return Err(SnapshotError::Sequence {
             path,
@@ -489,20 +636,40 @@ pub fn read_state(dir: &Path, seq: u32) -> Result<MachineSnapshot, SnapshotError
     Ok(s)
 }
 
-/// The newest snapshot's state and the number of snapshots in `dir`.
+/// The newest snapshot's state and the number of snapshots in `dir`,
+/// once the chain's listing ([`chain_len`]) and every state in it are
+/// verified (each decodes, has its number, and matches the base's memory
+/// size and machine).
 pub fn latest(dir: &Path) -> Result<(MachineSnapshot, u32), SnapshotError> {
-    let n = next_seq(dir);
-    if n == 0 {
-        return Err(SnapshotError::NoBase(dir.into()));
+    let n = chain_len(dir)?;
+    let base = read_state(dir, 0)?;
+    let shape = |s: &MachineSnapshot| (s.mem_mib, s.vcpus.len(), s.devices.len());
+    let mut newest = None;
+    for seq in 1..n {
+        let s = read_state(dir, seq)?;
+        if shape(&s) != shape(&base) {
+            let (m, v, d) = shape(&s);
+            return Err(SnapshotError::Mismatch {
+                path: state_path(dir, seq),
+                what: format!("{m} MiB, {v} vCPUs and {d} devices"),
+            });
+        }
+        newest = Some(s);
     }
-    Ok((read_state(dir, n - 1)?, n))
+    Ok((newest.unwrap_or(base), n))
 }
 
-/// Fills `mem` from the base and all `n` snapshots' memory files, in order.
+/// Fills `mem` from the base and all `n` snapshots' memory files, in
+/// order, once every one of them is verified.
 pub fn load_memory(dir: &Path, n: u32, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
+    // Verify all, then apply all: a damaged increment is found before the
+    // base is applied (and each file is checked again as it is applied).
+    for seq in 0..n {
+        read_mem(&mem_path(dir, seq), seq, mem, false)?;
+    }
     let mut pages = 0;
     for seq in 0..n {
-        pages += apply_mem(&mem_path(dir, seq), seq, mem)?;
+        pages += read_mem(&mem_path(dir, seq), seq, mem, true)?;
     }
     Ok(pages)
 }
@@ -580,6 +747,214 @@ mod tests {
             apply_mem(&path, 1, &fresh),
             Err(SnapshotError::MemHeader { .. })
         ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Writes a chain of `n` snapshots of a 16 MiB guest into a fresh
+    /// directory: snapshot `i` holds page `0x10000 * (i + 1)` filled with
+    /// `i + 1`.
+    fn chain(tag: &str, n: u32) -> (PathBuf, GuestMemoryMmap) {
+        let d = dir(tag);
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        for seq in 0..n {
+            let gpa = 0x10000 * u64::from(seq + 1);
+            mem.write_slice(&[seq as u8 + 1; P], GuestAddress(gpa)).unwrap();
+            let state = MachineSnapshot {
+                seq,
+                mem_mib: 16,
+                vcpus: Vec::new(),
+                vm: VmState {
+                    pit: Default::default(),
+                    clock: Default::default(),
+                    pic_master: Default::default(),
+                    pic_slave: Default::default(),
+                    ioapic: Default::default(),
+                },
+                serial: SerialSnap::default(),
+                devices: Vec::new(),
+            };
+            write(&d, &state, &Staging::copy(&mem, &[gpa], false)).unwrap();
+        }
+        (d, mem)
+    }
+
+    /// Restores `d` into `mem`, as `Vmm::restore` does.
+    fn restore_into(d: &Path, mem: &GuestMemoryMmap) -> Result<u32, SnapshotError> {
+        let (state, n) = latest(d)?;
+        assert_eq!(state.seq, n - 1);
+        load_memory(d, n, mem)?;
+        Ok(n)
+    }
+
+    fn restore(d: &Path) -> Result<(u32, GuestMemoryMmap), SnapshotError> {
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        Ok((restore_into(d, &mem)?, mem))
+    }
+
+    fn page_byte(mem: &GuestMemoryMmap, seq: u32) -> u8 {
+        mem.read_obj(GuestAddress(0x10000 * u64::from(seq + 1))).unwrap()
+    }
+
+    /// The error of restoring `d`, which must name `file` and come before
+    /// any page is applied.
+    fn refused(d: &Path, file: &str) -> String {
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        let e = match restore_into(d, &mem) {
+            Ok(n) => panic!("restored {n} snapshots from a damaged chain"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains(&d.join(file).display().to_string()),
+            "'{e}' does not name {file}"
+        );
+        for seq in 0..3 {
+            assert_eq!(page_byte(&mem, seq), 0, "pages applied before the error: {e}");
+        }
+        e
+    }
+
+    #[test]
+    fn a_whole_chain_restores() {
+        let (d, _) = chain("whole", 3);
+        let (n, mem) = restore(&d).unwrap();
+        assert_eq!(n, 3);
+        for seq in 0..3 {
+            assert_eq!(page_byte(&mem, seq), seq as u8 + 1);
+        }
+        // A .mem without its .state after the chain is a write cut short;
+        // temporary files and other names are not part of the chain.
+        std::fs::copy(mem_path(&d, 2), mem_path(&d, 3)).unwrap();
+        std::fs::create_dir(d.join("0004.tmp")).unwrap();
+        std::fs::write(d.join("notes.txt"), b"x").unwrap();
+        assert_eq!(restore(&d).unwrap().0, 3);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_gap_in_the_chain_is_refused() {
+        let (d, _) = chain("gap", 3);
+        std::fs::remove_file(state_path(&d, 1)).unwrap();
+        let e = refused(&d, "0001.state");
+        assert!(e.contains("gap"), "{e}");
+        // Nor is a lone .mem past the end of the chain accepted.
+        let (d2, _) = chain("gap2", 2);
+        std::fs::copy(mem_path(&d2, 1), mem_path(&d2, 5)).unwrap();
+        refused(&d2, "0005.mem");
+        for d in [d, d2] {
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+
+    #[test]
+    fn a_missing_mem_is_refused() {
+        let (d, _) = chain("nomem", 3);
+        std::fs::remove_file(mem_path(&d, 1)).unwrap();
+        let e = refused(&d, "0001.mem");
+        assert!(e.contains("is missing"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn symlinks_and_devices_are_refused_without_reading_them() {
+        use std::os::unix::fs::symlink;
+        // A symlink loop.
+        let (d, _) = chain("loop", 3);
+        std::fs::remove_file(state_path(&d, 2)).unwrap();
+        symlink("0002.state", state_path(&d, 2)).unwrap();
+        let e = refused(&d, "0002.state");
+        assert!(e.contains("not a regular file"), "{e}");
+        // A symlink to an endless file: refused before it is read.
+        for (i, file) in ["0001.mem", "0001.state"].into_iter().enumerate() {
+            let (d, _) = chain(&format!("zero{i}"), 2);
+            std::fs::remove_file(d.join(file)).unwrap();
+            symlink("/dev/zero", d.join(file)).unwrap();
+            refused(&d, file);
+            // Also when asked for the file directly (no listing first).
+            let direct = if i == 0 {
+                read_mem(
+                    &d.join(file),
+                    1,
+                    &crate::memory::create_guest_memory(16).unwrap(),
+                    false,
+                )
+                .map(|_| ())
+            } else {
+                read_state(&d, 1).map(|_| ())
+            };
+            assert!(matches!(direct, Err(SnapshotError::NotRegular { .. })), "{direct:?}");
+            let _ = std::fs::remove_dir_all(&d);
+        }
+        // A FIFO would block a plain reader forever.
+        let fifo = state_path(&d, 2);
+        std::fs::remove_file(&fifo).unwrap();
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        refused(&d, "0002.state");
+        assert!(matches!(read_state(&d, 2), Err(SnapshotError::NotRegular { .. })));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn padded_or_trailing_bytes_are_refused() {
+        for (i, file) in ["0000.state", "0001.state", "0001.mem"].into_iter().enumerate() {
+            let (d, _) = chain(&format!("trail{i}"), 2);
+            let path = d.join(file);
+            let good = std::fs::read(&path).unwrap();
+            let mut long = good.clone();
+            long.extend_from_slice(b"extra");
+            std::fs::write(&path, &long).unwrap();
+            let e = refused(&d, file);
+            assert!(e.contains("trailing bytes"), "{e}");
+            // Padded (sparse) to 4 GiB: refused at once, not read.
+            let t = std::time::Instant::now();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(4 << 30)
+                .unwrap();
+            refused(&d, file);
+            assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+            // Short by a byte.
+            std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+            refused(&d, file);
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+
+    #[test]
+    fn damage_to_an_older_snapshot_is_found_before_anything_is_applied() {
+        // A flipped bit in the base's state (not the newest).
+        let (d, _) = chain("oldstate", 3);
+        let path = state_path(&d, 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = refused(&d, "0000.state");
+        assert!(e.contains("checksum"), "{e}");
+        // A state that says it is another snapshot.
+        std::fs::copy(state_path(&d, 2), &path).unwrap();
+        let e = refused(&d, "0000.state");
+        assert!(e.contains("number 2, expected 0"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+
+        // A flipped bit in an increment's pages: the base is not applied.
+        let (d, _) = chain("oldmem", 3);
+        let path = mem_path(&d, 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, n) = latest(&d).unwrap();
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        let e = load_memory(&d, n, &mem).unwrap_err().to_string();
+        assert!(e.contains("0001.mem") && e.contains("checksum"), "{e}");
+        assert_eq!(
+            page_byte(&mem, 0),
+            0,
+            "the base was applied before the chain was verified"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -86,8 +86,8 @@ struct UffdMsg {
 pub enum UffdError {
     #[error("cannot create a userfaultfd: {0}")]
     Create(std::io::Error),
-    #[error("userfaultfd {what}: {source}")]
-    Ioctl { what: &'static str, source: std::io::Error },
+    #[error("userfaultfd {what}: {error}")]
+    Ioctl { what: &'static str, error: std::io::Error },
     #[error("this kernel's userfaultfd cannot write-protect anonymous guest memory")]
     Unsupported,
     #[error("guest memory region has no host mapping")]
@@ -95,7 +95,7 @@ pub enum UffdError {
 }
 
 fn ioctl_err(what: &'static str) -> impl Fn(std::io::Error) -> UffdError {
-    move |source| UffdError::Ioctl { what, source }
+    move |error| UffdError::Ioctl { what, error }
 }
 
 /// A userfaultfd with all of guest memory registered for write protection.
@@ -121,7 +121,7 @@ impl WriteProtect {
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
             return Err(UffdError::Ioctl {
                 what: "UFFDIO_API",
-                source: std::io::Error::last_os_error(),
+                error: std::io::Error::last_os_error(),
             });
         }
         if api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
@@ -147,7 +147,7 @@ impl WriteProtect {
             if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } < 0 {
                 return Err(UffdError::Ioctl {
                     what: "UFFDIO_REGISTER",
-                    source: std::io::Error::last_os_error(),
+                    error: std::io::Error::last_os_error(),
                 });
             }
             if reg.ioctls & UFFDIO_WRITEPROTECT_BIT == 0 {

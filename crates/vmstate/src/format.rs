@@ -6,14 +6,17 @@
 //! ```
 //! All integers little endian. The header checksum covers the fields before
 //! it; the payload checksum the payload. A reader refuses a wrong magic,
-//! another version, a bad checksum or a short file before decoding anything.
+//! another version, a bad checksum, a short file or bytes after the payload
+//! before decoding anything. A reader of a file can take the length to
+//! read from the header alone ([`payload_len`]).
 
 use serde::{de::DeserializeOwned, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"REMORAST";
 /// Bumped whenever a serialized structure changes.
 pub const VERSION: u32 = 1;
-const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4;
 
 /// Errors reading a container.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub enum FormatError {
     Kind { found: u32, expected: u32 },
     #[error("state file is truncated ({have} bytes, need {need})")]
     Truncated { have: usize, need: usize },
+    #[error("state file has {} bytes after its end ({need} bytes)", have - need)]
+    Trailing { have: usize, need: usize },
     #[error("state file header checksum mismatch")]
     HeaderChecksum,
     #[error("state file payload checksum mismatch (corrupt or torn write)")]
@@ -61,39 +66,53 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(w)
 }
 
-/// Decodes a container of `kind`, verifying everything first.
-pub fn decode<T: DeserializeOwned>(kind: u32, bytes: &[u8]) -> Result<T, FormatError> {
-    if bytes.len() < HEADER_LEN {
+/// The payload length recorded in a container's header (the first
+/// [`HEADER_LEN`] bytes of `header`), once the header is verified: its
+/// magic, checksum, version and `kind`. A file holds exactly `HEADER_LEN`
+/// plus this many bytes.
+pub fn payload_len(kind: u32, header: &[u8]) -> Result<u64, FormatError> {
+    if header.len() < HEADER_LEN {
         return Err(FormatError::Truncated {
-            have: bytes.len(),
+            have: header.len(),
             need: HEADER_LEN,
         });
     }
-    if bytes[..8] != MAGIC {
+    if header[..8] != MAGIC {
         return Err(FormatError::BadMagic);
     }
-    if crc32fast::hash(&bytes[..HEADER_LEN - 4]) != u32_at(bytes, HEADER_LEN - 4) {
+    if crc32fast::hash(&header[..HEADER_LEN - 4]) != u32_at(header, HEADER_LEN - 4) {
         return Err(FormatError::HeaderChecksum);
     }
-    let version = u32_at(bytes, 8);
+    let version = u32_at(header, 8);
     if version != VERSION {
         return Err(FormatError::Version { found: version });
     }
-    let found = u32_at(bytes, 12);
+    let found = u32_at(header, 12);
     if found != kind {
         return Err(FormatError::Kind { found, expected: kind });
     }
     let mut len = [0u8; 8];
-    len.copy_from_slice(&bytes[16..24]);
-    let len = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
-    let need = HEADER_LEN.saturating_add(len);
+    len.copy_from_slice(&header[16..24]);
+    Ok(u64::from_le_bytes(len))
+}
+
+/// Decodes a container of `kind`, verifying everything first.
+pub fn decode<T: DeserializeOwned>(kind: u32, bytes: &[u8]) -> Result<T, FormatError> {
+    let len = payload_len(kind, bytes)?;
+    let need = HEADER_LEN.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
     if bytes.len() < need {
         return Err(FormatError::Truncated {
             have: bytes.len(),
             need,
         });
     }
-    let payload = &bytes[HEADER_LEN..need];
+    if bytes.len() > need {
+        return Err(FormatError::Trailing {
+            have: bytes.len(),
+            need,
+        });
+    }
+    let payload = &bytes[HEADER_LEN..];
     if crc32fast::hash(payload) != u32_at(bytes, 24) {
         return Err(FormatError::PayloadChecksum);
     }
@@ -127,6 +146,17 @@ mod tests {
                 Err(FormatError::Truncated { .. })
             ));
         }
+        // Anything after the payload is refused too.
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(
+            decode::<Vec<u64>>(7, &long),
+            Err(FormatError::Trailing {
+                have: b.len() + 1,
+                need: b.len()
+            })
+        );
+        assert_eq!(payload_len(7, &b[..HEADER_LEN]), Ok((b.len() - HEADER_LEN) as u64));
         let mut other = b.clone();
         other[8..12].copy_from_slice(&2u32.to_le_bytes());
         let h = crc32fast::hash(&other[..HEADER_LEN - 4]);

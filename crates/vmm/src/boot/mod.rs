@@ -63,10 +63,10 @@ pub struct BootEntry {
 /// Errors loading a kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("cannot open kernel {path}: {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
-    #[error("cannot open initrd {path}: {source}")]
-    OpenInitrd { path: PathBuf, source: std::io::Error },
+    #[error("cannot open kernel {path}: {error}")]
+    OpenKernel { path: PathBuf, error: std::io::Error },
+    #[error("cannot open initrd {path}: {error}")]
+    OpenInitrd { path: PathBuf, error: std::io::Error },
     #[error("kernel {path} is neither an ELF with a PVH entry note nor a bzImage")]
     UnknownKernelFormat { path: PathBuf },
     #[error("kernel {path} is an ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); boot a bzImage, or a vmlinux built with CONFIG_PVH=y")]
@@ -82,9 +82,17 @@ pub enum BootError {
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
     #[error("cannot write boot data into guest memory: {0}")]
-    GuestMemory(#[from] vm_memory::GuestMemoryError),
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    GuestMemory(vm_memory::GuestMemoryError),
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+}
+
+// Not `#[from]`, which would also make it the error's source: the message
+// already says it, and a source would be printed a second time.
+impl From<vm_memory::GuestMemoryError> for BootError {
+    fn from(e: vm_memory::GuestMemoryError) -> Self {
+        BootError::GuestMemory(e)
+    }
 }
 
 /// What to boot.
@@ -106,9 +114,9 @@ pub enum KernelFormat {
 /// Detects the kernel format from its header.
 pub fn detect_format(file: &mut File, path: &Path) -> Result<Option<KernelFormat>, BootError> {
     let mut head = [0u8; 0x206];
-    let read_err = |source| BootError::Read {
+    let read_err = |error| BootError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let mut n = 0;
@@ -132,9 +140,9 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<Option<KernelFormat
 /// (PVH start_info or Linux zero page) into guest memory.
 pub fn load_kernel(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootError> {
     let path = spec.kernel;
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+    let mut file = File::open(path).map_err(|error| BootError::OpenKernel {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let load_err = |e: linux_loader::loader::Error| BootError::Load {
         path: path.to_path_buf(),
@@ -224,15 +232,15 @@ fn load_initrd(
     let Some(path) = spec.initrd else {
         return Ok(None);
     };
-    let mut file = File::open(path).map_err(|source| BootError::OpenInitrd {
+    let mut file = File::open(path).map_err(|error| BootError::OpenInitrd {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let size = file
         .metadata()
-        .map_err(|source| BootError::Read {
+        .map_err(|error| BootError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?
         .len();
     let top = spec.mem_bytes.min(MMIO_GAP_START).min(max_addr.saturating_add(1));

@@ -116,8 +116,10 @@ impl MmioBus {
         }
     }
 
-    /// Parks every device's worker; returns the transports' states in order.
-    pub fn pause_all(&self) -> Vec<virtio::mmio::TransportSnap> {
+    /// Parks every device's worker; returns the transports' states in
+    /// order, or the error of the first device whose worker has ended
+    /// (the caller resumes them all either way).
+    pub fn pause_all(&self) -> Result<Vec<virtio::mmio::TransportSnap>, String> {
         self.windows.iter().map(|(_, _, t)| lock(t).pause()).collect()
     }
 

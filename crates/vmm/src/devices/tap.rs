@@ -26,17 +26,17 @@ pub enum TapError {
     BadName(String),
     #[error("cannot open /dev/net/tun: {0}")]
     OpenTun(io::Error),
-    #[error("cannot attach to TAP '{name}': {source}{hint}")]
+    #[error("cannot attach to TAP '{name}': {error}{hint}")]
     Attach {
         name: String,
-        source: io::Error,
+        error: io::Error,
         hint: &'static str,
     },
-    #[error("cannot configure TAP '{name}' ({what}): {source}")]
+    #[error("cannot configure TAP '{name}' ({what}): {error}")]
     Configure {
         name: String,
         what: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -84,8 +84,8 @@ impl Tap {
         // SAFETY: TUNSETIFF reads and writes an ifreq; `req` is a valid,
         // correctly sized ifreq that lives for the call.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
-            let source = io::Error::last_os_error();
-            let hint = match source.raw_os_error() {
+            let error = io::Error::last_os_error();
+            let hint = match error.raw_os_error() {
                 Some(libc::EPERM) => " (needs CAP_NET_ADMIN, or a persistent TAP owned by this user)",
                 Some(libc::EBUSY) => " (another process holds it)",
                 Some(libc::EINVAL) => " (an interface of that name exists and is not a TAP with vnet headers)",
@@ -93,7 +93,7 @@ impl Tap {
             };
             return Err(TapError::Attach {
                 name: name.into(),
-                source,
+                error,
                 hint,
             });
         }
@@ -113,7 +113,7 @@ impl Tap {
         TapError::Configure {
             name: self.name.clone(),
             what,
-            source: io::Error::last_os_error(),
+            error: io::Error::last_os_error(),
         }
     }
 

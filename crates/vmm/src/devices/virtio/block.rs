@@ -32,8 +32,8 @@ pub const ID_LEN: usize = 20;
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    #[error("cannot open disk {path}: {error}")]
+    Open { path: PathBuf, error: std::io::Error },
     #[error("disk {path} is empty (0 bytes); create it first, e.g. truncate -s 1G {path}")]
     Empty { path: PathBuf },
 }
@@ -113,15 +113,15 @@ impl Block {
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(|source| BlockError::Open {
+            .map_err(|error| BlockError::Open {
                 path: path.into(),
-                source,
+                error,
             })?;
         let len = file
             .metadata()
-            .map_err(|source| BlockError::Open {
+            .map_err(|error| BlockError::Open {
                 path: path.into(),
-                source,
+                error,
             })?
             .len();
         if len < SECTOR {
@@ -341,6 +341,8 @@ impl VirtioDevice for Block {
         let t = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
+                // Marks the worker dead however the thread ends.
+                let _alive = ctl2.alive("virtio-blk");
                 // Requests the guest posted while the write log was full.
                 let mut deferred = false;
                 loop {

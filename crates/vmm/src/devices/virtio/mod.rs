@@ -108,9 +108,10 @@ pub trait VirtioDevice: Send {
         }
     }
     /// Parks the device's worker between requests and returns the state of
-    /// the queues it owns (`None` if the device is not active).
-    fn pause(&mut self) -> Option<Vec<worker::QueueSnap>> {
-        self.worker().map(worker::WorkerCtl::pause)
+    /// the queues it owns (`None` if the device is not active), or an error
+    /// if the worker thread has ended.
+    fn pause(&mut self) -> Result<Option<Vec<worker::QueueSnap>>, worker::WorkerDead> {
+        self.worker().map(worker::WorkerCtl::pause).transpose()
     }
     /// Lets a paused worker continue.
     fn resume(&mut self) {

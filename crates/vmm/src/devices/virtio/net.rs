@@ -125,7 +125,7 @@ impl Net {
         Net::with_io(io, cfg.mac).map_err(|e| tap::TapError::Configure {
             name: cfg.tap.clone(),
             what: "eventfd",
-            source: e,
+            error: e,
         })
     }
 
@@ -232,6 +232,8 @@ impl VirtioDevice for Net {
         let t = std::thread::Builder::new()
             .name("virtio-net".into())
             .spawn(move || {
+                // Marks the worker dead however the thread ends.
+                let _alive = ctl2.alive("virtio-net");
                 if let Err(e) = w.run(&rx_evt, &tx_evt, &ctl2) {
                     tracing::error!("virtio-net worker stopped: {e}");
                 }

@@ -5,6 +5,11 @@
 //! set includes [`WorkerCtl::wake`]); the VMM calls [`WorkerCtl::pause`],
 //! which returns once the worker is parked between requests and has
 //! published the state of the queues it owns.
+//!
+//! A worker thread holds a [`WorkerAlive`] guard for its whole life: when
+//! the thread ends (returns on an error, or panics) the guard marks the
+//! worker dead, and [`WorkerCtl::pause`] returns an error instead of
+//! waiting for a thread that will never park.
 
 use std::sync::{Condvar, Mutex};
 
@@ -71,7 +76,36 @@ struct Ctl {
     stop: bool,
     pause: bool,
     paused: bool,
+    /// The worker thread has ended.
+    dead: bool,
     queues: Vec<QueueSnap>,
+}
+
+/// [`WorkerCtl::pause`] of a worker whose thread has ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("its worker thread has ended; the device no longer works and cannot be snapshotted")]
+pub struct WorkerDead;
+
+/// Held by a worker thread while it runs (see [`WorkerCtl::alive`]).
+pub struct WorkerAlive<'a> {
+    ctl: &'a WorkerCtl,
+    name: &'static str,
+}
+
+impl Drop for WorkerAlive<'_> {
+    /// Runs on every way out of the thread: a return, an error, a panic.
+    fn drop(&mut self) {
+        let mut g = lock(&self.ctl.state);
+        g.dead = true;
+        if !g.stop {
+            let how = if std::thread::panicking() { "panicked" } else { "ended" };
+            tracing::error!(
+                "{} worker thread {how} unexpectedly: the device stops working",
+                self.name
+            );
+        }
+        self.ctl.cv.notify_all();
+    }
 }
 
 /// Shared between a device and its worker thread.
@@ -89,6 +123,18 @@ impl WorkerCtl {
             cv: Condvar::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
         })
+    }
+
+    /// Worker side, first thing in the worker thread: returns the guard
+    /// that marks the worker dead when dropped. Hold it until the thread
+    /// ends.
+    pub fn alive(&self, name: &'static str) -> WorkerAlive<'_> {
+        WorkerAlive { ctl: self, name }
+    }
+
+    /// Whether the worker thread has ended.
+    pub fn is_dead(&self) -> bool {
+        lock(&self.state).dead
     }
 
     /// Worker side, on every wake-up: parks while a pause is requested
@@ -125,15 +171,19 @@ impl WorkerCtl {
         }
     }
 
-    /// VMM side: parks the worker; returns its queues.
-    pub fn pause(&self) -> Vec<QueueSnap> {
+    /// VMM side: parks the worker; returns its queues, or [`WorkerDead`]
+    /// if its thread has ended (it would never park).
+    pub fn pause(&self) -> Result<Vec<QueueSnap>, WorkerDead> {
         let mut g = lock(&self.state);
         g.pause = true;
         let _ = self.wake.write(1);
-        while !g.paused && !g.stop {
+        while !g.paused && !g.stop && !g.dead {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        g.queues.clone()
+        if g.dead && !g.paused {
+            return Err(WorkerDead);
+        }
+        Ok(g.queues.clone())
     }
 
     pub fn resume(&self) {
@@ -147,5 +197,84 @@ impl WorkerCtl {
         g.stop = true;
         let _ = self.wake.write(1);
         self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// `ctl.pause()` on another thread; None if it has not returned
+    /// within 5 s.
+    fn pause_within(ctl: &Arc<WorkerCtl>) -> Option<Result<Vec<QueueSnap>, WorkerDead>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = ctl.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(c.pause());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).ok()
+    }
+
+    #[test]
+    fn pause_parks_a_live_worker() {
+        let ctl = Arc::new(WorkerCtl::new().unwrap());
+        let c = ctl.clone();
+        let t = std::thread::spawn(move || {
+            let _alive = c.alive("test");
+            // A worker's loop: wait for a wake-up, then look.
+            loop {
+                let mut fds = [libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&c.wake),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: `fds` is a valid array of one pollfd for the call.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+                if !c.checkpoint(&[]) {
+                    return;
+                }
+            }
+        });
+        assert_eq!(pause_within(&ctl), Some(Ok(Vec::new())));
+        assert!(!ctl.is_dead());
+        ctl.resume();
+        ctl.stop();
+        t.join().unwrap();
+        assert!(ctl.is_dead());
+    }
+
+    /// A worker that returns or panics, before or while the VMM waits for
+    /// it to park: `pause` returns an error instead of waiting forever.
+    #[test]
+    fn pause_returns_when_the_worker_thread_ends() {
+        for (panics, early) in [(false, true), (true, true), (false, false), (true, false)] {
+            let ctl = Arc::new(WorkerCtl::new().unwrap());
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            let c = ctl.clone();
+            let t = std::thread::spawn(move || {
+                let _alive = c.alive("test");
+                let _ = go_rx.recv();
+                assert!(!panics, "the worker failed");
+            });
+            let paused = if early {
+                drop(go_tx);
+                let _ = t.join();
+                pause_within(&ctl)
+            } else {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let c = ctl.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send(c.pause());
+                });
+                std::thread::sleep(Duration::from_millis(50));
+                drop(go_tx);
+                let _ = t.join();
+                rx.recv_timeout(Duration::from_secs(5)).ok()
+            };
+            assert_eq!(paused, Some(Err(WorkerDead)), "panics={panics} early={early}");
+            assert!(ctl.is_dead());
+        }
     }
 }
