@@ -735,37 +735,6 @@ fn bad_input_is_refused_clearly() {
     let _ = junk.join();
 }
 
-#[test]
-#[ignore]
-fn smoke() {
-    failover_trial("sm", "speculative", Duration::from_millis(1500));
-}
-
-#[test]
-#[ignore]
-fn watch_status() {
-    let mut pair = Pair::new("ws");
-    let w = std::env::var("WL").unwrap_or("mem:64,diskloop:8,sink:5001".into());
-    let o = Opts {
-        workloads: &w,
-        output: "speculative",
-        disk_mib: 16,
-        vcpus: 2,
-    };
-    pair.start_backup(&o);
-    pair.start_primary(&o);
-    for _ in 0..40 {
-        eprintln!("{}", ctl(&pair.psock, &["status"]).1);
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let p = pair.primary.take().unwrap();
-    p.signal(libc::SIGTERM);
-    let p = p.finish(Duration::from_secs(5));
-    let b = pair.backup.take().unwrap();
-    let b = b.finish(Duration::from_secs(5));
-    eprintln!("--- primary:\n{}\n--- backup:\n{}", p.stderr, b.stderr);
-}
-
 /// `ctl protect` on a VM started without --protect puts the engine on its
 /// path while it runs; `ctl pause` does not end the protection; a stream
 /// started after the protection survives the primary's death.
