@@ -161,6 +161,26 @@ impl Running {
         }
     }
 
+    /// Waits up to `timeout` for a console line for which `pred` holds.
+    pub fn wait_line_where(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<(Duration, String)> {
+        if let Some(l) = self.lines.iter().find(|(_, l)| pred(l)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines_rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.lines.push(l.clone());
+                    if pred(&l.1) {
+                        return Some(l);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Sends `sig` to the child (by its PID).
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.

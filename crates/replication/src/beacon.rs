@@ -57,6 +57,11 @@ impl Link {
     pub fn start_beacon(self: &Arc<Link>, interval: Duration) -> std::io::Result<()> {
         let link = self.clone();
         std::thread::Builder::new().name("repl-beacon".into()).spawn(move || {
+            // Silence means death to the other side: the beacon must run
+            // on time even when the host's CPUs are saturated.
+            if !remora_vmm::promote_to_realtime() {
+                tracing::debug!("heartbeat thread runs at normal priority (no CAP_SYS_NICE)");
+            }
             while !link.stop.load(Ordering::Acquire) {
                 std::thread::sleep(interval / 2);
                 let now = link.origin.elapsed();

@@ -171,7 +171,12 @@ pub struct EnginePort {
     /// Announce the guest's MAC (RARP, QEMU-style rounds) at these times.
     announce: VecDeque<Duration>,
     mac: [u8; 6],
+    /// The guest's IPv4 addresses (from the engine's flows), for
+    /// gratuitous ARP in the announce rounds.
+    announce_ips: Vec<[u8; 4]>,
     pub tap_drops: u64,
+    /// When the flow gauge was last refreshed (it costs a pass over flows).
+    gauge_at: Option<Duration>,
 }
 
 impl EnginePort {
@@ -189,7 +194,9 @@ impl EnginePort {
             mtu,
             announce: VecDeque::new(),
             mac,
+            announce_ips: Vec::new(),
             tap_drops: 0,
+            gauge_at: None,
         }
     }
 
@@ -202,6 +209,18 @@ impl EnginePort {
     /// switches learn the new port at once.
     pub fn start_announce(&mut self) {
         let now = self.now();
+        let mut ips: Vec<[u8; 4]> = self
+            .engine
+            .speculative_flows()
+            .iter()
+            .filter_map(|k| match k.guest_ip {
+                remora_spec::wire::IpAddr::V4(a) => Some(a),
+                remora_spec::wire::IpAddr::V6(_) => None,
+            })
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        self.announce_ips = ips;
         for ms in [0u64, 50, 150, 300, 500] {
             self.announce.push_back(now + Duration::from_millis(ms));
         }
@@ -259,6 +278,10 @@ impl EnginePort {
             self.announce.pop_front();
             let f = rarp(self.mac);
             self.push_tap(&f, None);
+            for ip in self.announce_ips.clone() {
+                let f = garp(self.mac, ip);
+                self.push_tap(&f, None);
+            }
         }
         let c = self.ctl.commit_to.load(Ordering::Acquire);
         if c != NONE && (self.committed == NONE || c > self.committed) {
@@ -316,9 +339,13 @@ impl EnginePort {
             self.engine.bytes_held() + self.engine.buffered_bytes(),
             Ordering::Relaxed,
         );
-        self.ctl
-            .flows
-            .store(self.engine.speculative_flows().len() as u64, Ordering::Relaxed);
+        let now = self.now();
+        if self.gauge_at.is_none_or(|t| now >= t + Duration::from_millis(100)) {
+            self.gauge_at = Some(now);
+            self.ctl
+                .flows
+                .store(self.engine.stats().speculative_flows as u64, Ordering::Relaxed);
+        }
     }
 
     fn push_tap(&mut self, frame: &[u8], hdr: Option<VnetHdr>) {
@@ -388,6 +415,25 @@ pub fn rarp(mac: [u8; 6]) -> Vec<u8> {
     f
 }
 
+/// A gratuitous ARP request for `ip` from `mac` (sender and target IP
+/// the same): hosts on the LAN update their ARP caches at once.
+pub fn garp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes()); // ARP
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&1u16.to_be_bytes()); // request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip);
+    f.resize(60, 0);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +448,15 @@ mod tests {
         assert_eq!(&f[12..14], &[0x80, 0x35]);
         assert_eq!(&f[22..28], &mac, "sender hardware address");
         assert_eq!(&f[32..38], &mac, "target hardware address");
+    }
+
+    #[test]
+    fn garp_names_the_guest_ip_twice() {
+        let f = garp([0x52, 0x54, 0, 1, 2, 3], [10, 0, 0, 2]);
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+        assert_eq!(&f[20..22], &[0, 1], "request");
+        assert_eq!(&f[28..32], &[10, 0, 0, 2], "sender IP");
+        assert_eq!(&f[38..42], &[10, 0, 0, 2], "target IP");
     }
 
     #[test]

@@ -76,6 +76,11 @@ struct Ctl {
     stop: bool,
     pause: bool,
     paused: bool,
+    /// Counts pause requests; `parked_gen` is the one the worker last
+    /// parked (and published its queues) for. A pause waits for its own
+    /// park: a worker resumed but not yet run must not pass for parked.
+    pause_gen: u64,
+    parked_gen: u64,
     /// The worker thread has ended.
     dead: bool,
     queues: Vec<QueueSnap>,
@@ -143,11 +148,19 @@ impl WorkerCtl {
         let _ = self.wake.read();
         let mut g = lock(&self.state);
         if g.pause && !g.stop {
-            g.queues = queues.iter().map(|q| QueueSnap::of(q)).collect();
-            g.paused = true;
-            self.cv.notify_all();
-            while g.pause && !g.stop {
-                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            loop {
+                g.queues = queues.iter().map(|q| QueueSnap::of(q)).collect();
+                g.parked_gen = g.pause_gen;
+                g.paused = true;
+                self.cv.notify_all();
+                while g.pause && !g.stop && g.parked_gen == g.pause_gen {
+                    g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                // Resumed and paused again before this thread ran: nothing
+                // changed, park again for the new pause.
+                if !g.pause || g.stop {
+                    break;
+                }
             }
             g.paused = false;
         }
@@ -167,6 +180,7 @@ impl WorkerCtl {
         let mut g = lock(&self.state);
         if !g.pause {
             g.pause = true;
+            g.pause_gen += 1;
             let _ = self.wake.write(1);
         }
     }
@@ -175,12 +189,15 @@ impl WorkerCtl {
     /// if its thread has ended (it would never park).
     pub fn pause(&self) -> Result<Vec<QueueSnap>, WorkerDead> {
         let mut g = lock(&self.state);
-        g.pause = true;
-        let _ = self.wake.write(1);
-        while !g.paused && !g.stop && !g.dead {
+        if !g.pause {
+            g.pause = true;
+            g.pause_gen += 1;
+            let _ = self.wake.write(1);
+        }
+        while g.parked_gen != g.pause_gen && !g.stop && !g.dead {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        if g.dead && !g.paused {
+        if g.parked_gen != g.pause_gen {
             return Err(WorkerDead);
         }
         Ok(g.queues.clone())
