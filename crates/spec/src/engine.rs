@@ -520,7 +520,7 @@ impl Engine {
         }
         flow.on_peer_ack(&mut ctx, now, seg);
         let has_data = !seg.payload.is_empty() || seg.has(flags::FIN);
-        let spec = flow.spec_ack();
+        let spec = flow.guest_ack();
         let guest_needs_ack = flow.guest_seen_ack.is_none_or(|a| seq::lt(a, spec));
         // A keepalive or window probe for the guest (sequence number one
         // below what it has received) must reach it so that it answers.

@@ -174,6 +174,11 @@ impl Cubic {
     }
 }
 
+/// The offered window's initial growth target (64 KiB, within the budget).
+fn initial_target(cfg: &Config) -> u32 {
+    cfg.per_flow_budget.min(64 << 10) as u32
+}
+
 /// Retransmissions remembered per fast recovery.
 const RETX_LOG_MAX: usize = 4096;
 
@@ -235,6 +240,12 @@ pub(crate) struct Flow {
     pub committed_fin: bool,
     /// Right edge of the window offered to the guest (never moves left).
     pub adv_edge: u32,
+    /// Reservation edge: guest bytes below it are acknowledged
+    /// speculatively; above it they wait for the peer's ACK (output commit).
+    pub res_edge: u32,
+    /// How far beyond `snd_una` the offered window may grow while the pool
+    /// has room (grows when the guest fills its window, halves when idle).
+    pub wnd_target: u32,
     pub reserved: u64,
     /// Last window offered was too small for the guest to send a segment.
     pub window_blocked: bool,
@@ -334,6 +345,8 @@ impl Flow {
             committed_end: 0,
             committed_fin: false,
             adv_edge: 0,
+            res_edge: 0,
+            wnd_target: 0,
             reserved: 0,
             window_blocked: false,
             guest_seen_ack: None,
@@ -436,6 +449,8 @@ impl Flow {
         self.snd_max = start;
         self.retx_nxt = start;
         self.adv_edge = seq::max(self.hs_edge.unwrap_or(start), start);
+        self.res_edge = self.adv_edge;
+        self.wnd_target = initial_target(ctx.cfg);
         let need = u64::from(seq::dist(start, self.adv_edge));
         if *ctx.global_reserved + need > ctx.cfg.global_cap as u64 {
             self.phase = Phase::Fallback;
@@ -482,10 +497,26 @@ impl Flow {
 
     // ---------------------------------------------------------------
     // Memory accounting and the window offered to the guest.
+    //
+    // Two edges: `adv_edge`, the right window edge offered to the guest
+    // (never moves left), and `res_edge`, the reservation: guest bytes below
+    // it are acknowledged speculatively, bytes above it (still inside the
+    // offered window) are held under output commit and acknowledged to the
+    // guest only when the peer acknowledges them. The reservation follows
+    // use: it grows to cover bytes as they arrive (within the budget, the
+    // global cap and, when the pool is tight, a fair share of it) and is
+    // given back as soon as the peer acknowledges them. The offered window
+    // is never smaller than the peer's own window (what output commit would
+    // let the guest send), so a flow without reservation still progresses
+    // as if buffered; beyond it, it grows with demand up to the budget while
+    // the pool has room.
 
     fn set_reserved(&mut self, ctx: &mut Ctx<'_>) {
         let r = if self.phase == Phase::Established {
-            u64::from(seq::dist(self.snd_una, self.adv_edge))
+            if seq::lt(self.res_edge, self.snd_una) {
+                self.res_edge = self.snd_una;
+            }
+            u64::from(seq::dist(self.snd_una, self.res_edge))
         } else {
             0
         };
@@ -510,32 +541,105 @@ impl Flow {
         u64::from(self.peer_mss)
     }
 
-    /// Window the engine could offer now (bytes beyond the spec ACK), before
-    /// receiver silly-window avoidance.
-    fn offer(&self, ctx: &Ctx<'_>) -> (u64, u64) {
-        let ack = self.spec_ack();
-        let cur = u64::from(seq::dist(ack, self.adv_edge));
+    /// Bytes of the held stream above the reservation (output commit).
+    pub(crate) fn overflow(&self) -> u32 {
+        if seq::gt(self.data_end, self.res_edge) {
+            seq::dist(seq::max(self.res_edge, self.snd_una), self.data_end)
+        } else {
+            0
+        }
+    }
+
+    /// The ACK the guest may see: its stream up to the reservation
+    /// (speculated), and beyond it what the peer acknowledged.
+    pub(crate) fn guest_ack(&self) -> u32 {
+        let end = self.spec_ack();
+        let spec = if seq::le(self.data_end, self.res_edge) {
+            end
+        } else {
+            self.res_edge
+        };
+        let peer = seq::min(self.snd_una, end);
+        let a = seq::max(spec, peer);
+        self.guest_seen_ack
+            .map_or(a, |s| if seq::le(s, end) { seq::max(s, a) } else { a })
+    }
+
+    /// Bytes of reservation the flow may hold now: its own plus what the
+    /// pool allows (a fair share of it when it is tight).
+    fn reservable(&self, ctx: &Ctx<'_>) -> u64 {
         let budget = ctx.cfg.per_flow_budget as u64;
         let cap = ctx.cfg.global_cap as u64;
         let global_free = cap.saturating_sub(*ctx.global_reserved);
-        let mut offer = budget.saturating_sub(self.held()).min(cur + global_free);
+        let mut can = (self.reserved + global_free).min(budget);
         if global_free < budget {
-            // The pool is tight: do not grow beyond a fair share of it.
             let fair = cap / (*ctx.spec_flows).max(1) as u64;
-            offer = offer.min(fair.saturating_sub(self.held()).max(cur));
+            can = can.min(fair.max(self.reserved));
         }
-        (cur, offer)
+        can
+    }
+
+    /// Grow the reservation over held bytes (never beyond the offered
+    /// edge); true if the guest's ACK advanced.
+    fn reserve_held(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        if self.phase != Phase::Established {
+            return false;
+        }
+        let before = self.guest_ack();
+        if seq::lt(self.res_edge, self.snd_una) {
+            self.res_edge = self.snd_una;
+        }
+        if seq::gt(self.data_end, self.res_edge) {
+            let can = self.reservable(ctx);
+            let want = u64::from(seq::dist(self.snd_una, self.data_end));
+            let edge = self.snd_una.wrapping_add(want.min(can) as u32);
+            if seq::gt(edge, self.res_edge) {
+                self.res_edge = edge;
+                self.set_reserved(ctx);
+            }
+        }
+        if self.overflow() > 0 {
+            *ctx.global_blocked = true;
+            self.window_blocked = true;
+        }
+        self.guest_ack() != before
+    }
+
+    /// The right edge the engine would offer now (before SWS avoidance):
+    /// at least the peer's window, and up to `wnd_target` beyond `snd_una`
+    /// (within the budget) while the pool has room for it.
+    fn offer_edge(&self, ctx: &Ctx<'_>) -> u32 {
+        let budget = ctx.cfg.per_flow_budget as u32;
+        let limit = self.snd_una.wrapping_add(budget);
+        let peer = seq::min(self.wl2.wrapping_add(self.peer_wnd), limit);
+        let cap = ctx.cfg.global_cap as u64;
+        let global_free = cap.saturating_sub(*ctx.global_reserved);
+        // A roomy pool offers the whole budget; a tight one grows with use.
+        let want = if global_free >= 2 * u64::from(budget) {
+            u64::from(budget)
+        } else {
+            u64::from(self.wnd_target.min(budget))
+        };
+        let mut room = (u64::from(seq::dist(self.snd_una, self.res_edge)) + global_free).min(want);
+        if global_free < u64::from(budget) {
+            let fair = cap / (*ctx.spec_flows).max(1) as u64;
+            room = room.min(fair);
+        }
+        let spec = self.snd_una.wrapping_add(room as u32);
+        seq::max(seq::max(peer, spec), self.adv_edge)
     }
 
     fn sws_threshold(&self, ctx: &Ctx<'_>) -> u64 {
         self.guest_seg_size().min(ctx.cfg.per_flow_budget as u64 / 2).max(1)
     }
 
-    /// Compute the window field for a segment to the guest, moving the
-    /// offered right edge (never left) and updating the reservation.
-    pub(crate) fn window_for_guest(&mut self, ctx: &mut Ctx<'_>) -> u16 {
-        let ack = self.spec_ack();
-        let (cur, offer) = self.offer(ctx);
+    /// Compute the ACK and window fields for a segment to the guest, moving
+    /// the offered right edge (never left) and updating the reservation.
+    pub(crate) fn ack_window_for_guest(&mut self, ctx: &mut Ctx<'_>) -> (u32, u16) {
+        self.reserve_held(ctx);
+        let ack = self.guest_ack();
+        let cur = u64::from(seq::dist(ack, self.adv_edge));
+        let offer = u64::from(seq::dist(ack, self.offer_edge(ctx)));
         let sws = self.sws_threshold(ctx);
         let bytes = if offer >= cur + sws || (offer > cur && offer >= ctx.cfg.per_flow_budget as u64 / 2) {
             offer
@@ -562,16 +666,12 @@ impl Flow {
         }
         let edge = ack.wrapping_add((win << ws) as u32);
         self.adv_edge = seq::max(self.adv_edge, edge);
-        self.window_blocked = u64::from(seq::dist(ack, self.adv_edge)) < sws;
-        if self.window_blocked {
-            let budget_room = (ctx.cfg.per_flow_budget as u64).saturating_sub(self.held());
-            let global_free = (ctx.cfg.global_cap as u64).saturating_sub(*ctx.global_reserved);
-            if offer < budget_room && global_free < budget_room {
-                *ctx.global_blocked = true;
-            }
+        self.window_blocked = u64::from(seq::dist(ack, self.adv_edge)) < sws || self.overflow() > 0;
+        let global_free = (ctx.cfg.global_cap as u64).saturating_sub(*ctx.global_reserved);
+        if self.window_blocked && global_free < ctx.cfg.per_flow_budget as u64 {
+            *ctx.global_blocked = true;
         }
-        self.set_reserved(ctx);
-        win as u16
+        (ack, win as u16)
     }
 
     // ---------------------------------------------------------------
@@ -584,8 +684,7 @@ impl Flow {
 
     /// Send the guest a speculative ACK (also serves as window update).
     pub(crate) fn send_spec_ack(&mut self, ctx: &mut Ctx<'_>) {
-        let window = self.window_for_guest(ctx);
-        let ack = self.spec_ack();
+        let (ack, window) = self.ack_window_for_guest(ctx);
         let ts = if self.ts_ok {
             Some((self.peer_ts_for_guest.unwrap_or(0), self.guest_ts_latest.unwrap_or(0)))
         } else {
@@ -644,8 +743,11 @@ impl Flow {
         if self.phase != Phase::Established || !self.window_blocked {
             return;
         }
-        let (cur, offer) = self.offer(ctx);
-        if offer >= cur + self.sws_threshold(ctx) || offer >= ctx.cfg.per_flow_budget as u64 / 2 {
+        let acked = self.reserve_held(ctx);
+        let ack = self.guest_ack();
+        let cur = u64::from(seq::dist(ack, self.adv_edge));
+        let offer = u64::from(seq::dist(ack, self.offer_edge(ctx)));
+        if acked || offer >= cur + self.sws_threshold(ctx) || offer >= ctx.cfg.per_flow_budget as u64 / 2 {
             ctx.stats.window_updates += 1;
             self.send_spec_ack(ctx);
         }
@@ -655,8 +757,7 @@ impl Flow {
     /// the engine's offer, TSecr = the guest's latest TSval, SACK blocks
     /// removed (they describe the engine-owned direction).
     pub(crate) fn rewrite_for_guest(&mut self, ctx: &mut Ctx<'_>, frame: &[u8], seg: &Segment<'_>) -> Vec<u8> {
-        let window = self.window_for_guest(ctx);
-        let ack = self.spec_ack();
+        let (ack, window) = self.ack_window_for_guest(ctx);
         let mut f = frame[..seg.frame_len().min(frame.len())].to_vec();
         let off = seg.tcp_offset;
         let hl = seg.tcp_header_len;
@@ -757,7 +858,21 @@ impl Flow {
                 }
             }
         }
-        self.send_spec_ack(ctx);
+        // The guest filled the window it was offered: let it grow.
+        if u64::from(seq::dist(self.data_end, self.adv_edge)) < self.sws_threshold(ctx) {
+            let used = seq::dist(self.snd_una, self.adv_edge);
+            self.wnd_target = used
+                .max(self.wnd_target)
+                .saturating_mul(2)
+                .min(ctx.cfg.per_flow_budget as u32);
+        }
+        // Bytes beyond the reservation wait for the peer's ACK (as under
+        // output commit): no duplicate ACK for them.
+        let seen = self.guest_seen_ack;
+        self.reserve_held(ctx);
+        if seen != Some(self.guest_ack()) || self.overflow() == 0 {
+            self.send_spec_ack(ctx);
+        }
         (ackinfo, false)
     }
 
@@ -851,7 +966,7 @@ impl Flow {
             src_port: self.key.peer_port,
             dst_port: self.key.guest_port,
             seq: self.guest_rcv_nxt(),
-            ack: self.spec_ack(),
+            ack: self.guest_ack(),
             flags: flags::RST | flags::ACK,
             window: 0,
             mss: None,
@@ -1381,6 +1496,11 @@ impl Flow {
             } else {
                 None
             };
+            if self.held() == 0 {
+                // Idle: give the window back gradually (the offered edge
+                // stays; it is not grown again beyond the target).
+                self.wnd_target = (self.wnd_target / 2).max(initial_target(cfg));
+            }
             self.set_reserved(ctx);
             self.maybe_send_rst(ctx, now, false);
         } else if ack == self.snd_una

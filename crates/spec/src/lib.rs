@@ -140,7 +140,10 @@ pub struct Config {
     /// acting on them (corrupt frames are dropped).
     pub verify_outer_checksums: bool,
     /// How long a closed flow's state is kept (so late duplicates of the
-    /// peer still get the guest's view of the ACK).
+    /// peer still get the guest's view of the ACK). Short: the guest keeps
+    /// its own TIME_WAIT; after the flow is dropped a late peer segment
+    /// passes unchanged (its ACK is the guest's, both FINs being
+    /// acknowledged) and the guest's answer goes out under output commit.
     pub time_wait: Duration,
     /// How long an unfinished handshake is tracked.
     pub handshake_timeout: Duration,
@@ -166,7 +169,7 @@ impl Default for Config {
             max_retries: 15,
             initial_cwnd: 10,
             verify_outer_checksums: true,
-            time_wait: Duration::from_secs(30),
+            time_wait: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(75),
             rst_linger: Duration::from_secs(5),
         }
