@@ -22,5 +22,21 @@ case "${1:-}" in
         cargo bench --quiet --bench relay
         "$py" scripts/plot_relay.py target/bench/relay.json target/bench/relay.png
         ;;
-    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay" >&2; exit 2 ;;
+    replication)
+        # Protected vs unprotected vs QEMU, ~10 minutes; the plot needs
+        # matplotlib (as for relay), installed before the run.
+        py=python3
+        if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+            py=/usr/bin/python3
+            if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+                echo "remora: installing python3-matplotlib" >&2
+                apt-get update -qq
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null
+            fi
+        fi
+        cargo build --release --workspace --quiet
+        cargo bench --quiet --bench replication
+        "$py" scripts/plot_replication.py target/bench/replication.json target/bench/replication.png
+        ;;
+    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay|replication" >&2; exit 2 ;;
 esac

@@ -97,7 +97,8 @@ impl Status {
 struct InFlight {
     seq: u64,
     epochs: Vec<Option<EpochId>>,
-    bytes: Vec<u8>,
+    /// The checkpoint on the wire, kept for a resend until acknowledged.
+    bytes: Arc<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -691,7 +692,7 @@ fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Resu
             return Ok(());
         }
         // Refused checkpoints (and every later one) go again, in order.
-        let resend: Vec<Vec<u8>> = {
+        let resend: Vec<Arc<Vec<u8>>> = {
             let mut l = lock(&link.0);
             if let Some(e) = &l.failed {
                 return Err(e.clone());
@@ -761,6 +762,7 @@ fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Resu
             st.last_bytes = bytes.len() as u64;
         }
         pool.push(ckpt.pages.into_buffer());
+        let bytes = Arc::new(bytes);
         let copy = bytes.clone();
         {
             let mut l = lock(&link.0);
@@ -826,7 +828,8 @@ fn encode_checkpoint(session: &mut PrimarySender, c: &Checkpoint) -> Result<(Vec
         }
     }
     session.end_checkpoint().map_err(|e| format!("encoding: {e}"))?;
-    let mut bytes = Vec::new();
+    // Everything since begin_checkpoint is in one buffer: taken, not copied.
+    let mut bytes = session.poll_output().unwrap_or_default();
     while let Some(b) = session.poll_output() {
         bytes.extend_from_slice(&b);
     }
