@@ -9,15 +9,7 @@ case "${1:-}" in
         # The plot needs matplotlib: Debian's, for Debian's python3 (a
         # python3 earlier in PATH, e.g. pyenv's, may lack it). Installed
         # before the ~10 minute run.
-        py=python3
-        if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
-            py=/usr/bin/python3
-            if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
-                echo "remora: installing python3-matplotlib" >&2
-                apt-get update -qq
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null
-            fi
-        fi
+        matplotlib_python
         cargo build --release --quiet
         cargo bench --quiet --bench relay
         "$py" scripts/plot_relay.py target/bench/relay.json target/bench/relay.png
@@ -25,15 +17,7 @@ case "${1:-}" in
     replication)
         # Protected vs unprotected vs QEMU, ~10 minutes; the plot needs
         # matplotlib (as for relay), installed before the run.
-        py=python3
-        if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
-            py=/usr/bin/python3
-            if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
-                echo "remora: installing python3-matplotlib" >&2
-                apt-get update -qq
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null
-            fi
-        fi
+        matplotlib_python
         cargo build --release --workspace --quiet
         cargo bench --quiet --bench replication
         "$py" scripts/plot_replication.py target/bench/replication.json target/bench/replication.png

@@ -11,17 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
-# The plot needs matplotlib: Debian's, for Debian's python3 (a python3
-# earlier in PATH, e.g. pyenv's, may lack it).
-py=python3
-if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
-    py=/usr/bin/python3
-    if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
-        echo "remora: installing python3-matplotlib" >&2
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null
-    fi
-fi
+# The plot needs matplotlib.
+matplotlib_python
 echo "remora: building (release; a few minutes the first time)" >&2
 cargo build --release --quiet --workspace
 echo "remora: running the failover demo" >&2

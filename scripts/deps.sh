@@ -35,3 +35,18 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "remora: installing cargo-nextest" >&2
     cargo install --locked cargo-nextest
 fi
+
+# matplotlib_python: sets $py to a python3 that can import matplotlib (for
+# the plots), installing Debian's python3-matplotlib if none can: Debian's
+# python3 (a python3 earlier in PATH, e.g. pyenv's, may lack it).
+matplotlib_python() {
+    py=python3
+    if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+        py=/usr/bin/python3
+        if ! "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+            echo "remora: installing python3-matplotlib" >&2
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null
+        fi
+    fi
+}

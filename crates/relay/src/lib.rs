@@ -23,7 +23,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use remora_spec::{Checksum, Config, Engine, EpochId, Mode, Side, Stats};
+use remora_spec::{Config, Engine, EpochId, Mode, Side, Stats};
 use remora_vmm::devices::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 use tracing::{debug, warn};
 
@@ -386,17 +386,7 @@ impl Relay {
                 continue;
             };
             let frame = &mut self.buf[HDR_LEN..n];
-            let csum = if hdr.flags & vnet::F_NEEDS_CSUM != 0 {
-                if vnet::complete_checksum(frame, &hdr) {
-                    Checksum::Verified
-                } else {
-                    Checksum::Complete
-                }
-            } else if hdr.flags & vnet::F_DATA_VALID != 0 {
-                Checksum::Verified
-            } else {
-                Checksum::Complete
-            };
+            let csum = vnet::engine_checksum(frame, &hdr);
             let now = self.start.elapsed();
             match side {
                 Side::Inner => self.engine.handle_inner_with(now, frame, csum),

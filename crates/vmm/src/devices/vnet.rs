@@ -100,6 +100,25 @@ pub fn complete_checksum(frame: &mut [u8], hdr: &VnetHdr) -> bool {
     true
 }
 
+/// What the engine should know of `frame`'s checksums, given the header it
+/// came with: an offloaded checksum is completed in place (then verified
+/// by construction), DATA_VALID means verified, anything else is complete
+/// but unverified.
+pub fn engine_checksum(frame: &mut [u8], hdr: &VnetHdr) -> remora_spec::Checksum {
+    use remora_spec::Checksum;
+    if hdr.flags & F_NEEDS_CSUM != 0 {
+        if complete_checksum(frame, hdr) {
+            Checksum::Verified
+        } else {
+            Checksum::Complete
+        }
+    } else if hdr.flags & F_DATA_VALID != 0 {
+        Checksum::Verified
+    } else {
+        Checksum::Complete
+    }
+}
+
 /// Where the TCP header of an Ethernet frame is: (ethertype, L3 header
 /// length, TCP header length, IP payload length claimed by the header).
 fn tcp_layout(frame: &[u8]) -> Option<(u16, usize, usize)> {

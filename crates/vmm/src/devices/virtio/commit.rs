@@ -382,17 +382,7 @@ impl EnginePort {
 fn strip(buf: &mut [u8]) -> Option<(&[u8], Checksum)> {
     let hdr = VnetHdr::parse(buf)?;
     let frame = buf.get_mut(HDR_LEN..)?;
-    let csum = if hdr.flags & vnet::F_NEEDS_CSUM != 0 {
-        if vnet::complete_checksum(frame, &hdr) {
-            Checksum::Verified
-        } else {
-            Checksum::Complete
-        }
-    } else if hdr.flags & vnet::F_DATA_VALID != 0 {
-        Checksum::Verified
-    } else {
-        Checksum::Complete
-    };
+    let csum = vnet::engine_checksum(frame, &hdr);
     Some((frame, csum))
 }
 
