@@ -415,14 +415,17 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.epoch_ms
         );
     }
-    run_vmm(vmm, move |exit| {
-        protector.shutdown(&match exit {
-            VmExit::PowerOff => "guest powered off".to_string(),
-            VmExit::Reset => "guest reset".to_string(),
-            VmExit::Stopped(why) => why.clone(),
-            VmExit::Fault { vcpu, fault } => format!("vCPU {vcpu}: {fault}"),
-        })
-    })
+    run_vmm(vmm, move |exit| protector.shutdown(&exit_reason(exit)))
+}
+
+/// Why the VM ended, for the backup (which then does not take over).
+fn exit_reason(exit: &VmExit) -> String {
+    match exit {
+        VmExit::PowerOff => "guest powered off".to_string(),
+        VmExit::Reset => "guest reset".to_string(),
+        VmExit::Stopped(why) => why.clone(),
+        VmExit::Fault { vcpu, fault } => format!("vCPU {vcpu}: {fault}"),
+    }
 }
 
 fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
@@ -444,10 +447,30 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             eprintln!("remora backup: done: the primary's guest ended ({reason})");
             Ok(ExitCode::SUCCESS)
         }
-        Outcome::Takeover { mut vmm, timing } => {
+        Outcome::Takeover {
+            mut vmm,
+            timing,
+            output: output_mode,
+        } => {
             if let Some(p) = args.control {
                 vmm.set_control_socket(p);
             }
+            // The new primary can be protected again (`ctl protect`).
+            let protector = remora_replication::primary::Protector::new(
+                &vmm,
+                remora_replication::primary::PrimaryOptions {
+                    epoch: std::time::Duration::from_millis(25),
+                    output: output_mode,
+                    heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+                    max_in_flight: 3,
+                    engine: engine_config(match output_mode {
+                        remora_replication::OutputMode::Speculative => OutputArg::Speculative,
+                        remora_replication::OutputMode::Buffered => OutputArg::Buffered,
+                    }),
+                    connect_timeout: std::time::Duration::from_secs(5),
+                },
+            );
+            vmm.set_repl_hook(protector.hook());
             let decided = timing.decided_at;
             eprintln!(
                 "remora backup: failover: detect {} ms, restore {} ms, guest running {} ms after the decision (checkpoint {})",
@@ -456,7 +479,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
                 decided.elapsed().as_millis(),
                 timing.seq
             );
-            run_vmm_with(*vmm, &target, |_| {})
+            run_vmm_with(*vmm, &target, move |exit| protector.shutdown(&exit_reason(exit)))
         }
     }
 }

@@ -852,3 +852,80 @@ fn stopping_the_primary_ends_the_backup_without_takeover() {
     assert!(b.stderr.contains("no takeover"), "{}", b.stderr);
     assert!(!b.stderr.contains("failover"), "{}", b.stderr);
 }
+
+/// After a failover the new primary (the old backup) is protected again
+/// with `ctl protect` by a fresh backup on the old primary's host; that
+/// one takes over in turn; the stream stays exact across both failovers.
+#[test]
+fn failover_reprotect_failover_again() {
+    const TOTAL: usize = 160 << 20;
+    let mut pair = Pair::new("rf");
+    let o = Opts {
+        workloads: "sink:5001",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 16);
+    std::thread::sleep(Duration::from_millis(1000));
+    let first = pair.kill_primary();
+    // The old backup runs the guest now; a new backup on the old primary's
+    // host, listening on its end of the replication link.
+    wait_status(&pair.bsock, "protected=no", Duration::from_secs(10));
+    let port = next_port();
+    let addr = format!("{}:{port}", remora_netlab::PRIMARY_REPL_IP);
+    let mut cmd = pair.lan.primary.command(remora_bin().to_str().unwrap());
+    cmd.args([
+        "backup",
+        "--listen",
+        &addr,
+        "--net",
+        &format!("tap={},mac={MAC}", pair.lan.tap),
+        "--control",
+        pair.psock.to_str().unwrap(),
+    ]);
+    let mut second_backup = spawn(&mut cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = pair
+            .lan
+            .primary
+            .exec("ss", &["-ltnH"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        if out.is_ok_and(|o| o.contains(&format!(":{port}"))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second backup never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, out) = ctl(&pair.bsock, &["protect", &addr]);
+    assert!(ok, "ctl protect on the new primary: {out}");
+    wait_status(&pair.bsock, "protected=yes", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    // Second failover: kill the old backup (now the primary).
+    let b = pair.backup.take().unwrap();
+    b.signal(libc::SIGKILL);
+    let second = b.finish(Duration::from_secs(5));
+    let line = second_backup.wait_line("remora-guest: sink port=5001", Duration::from_secs(90));
+    let want = sink.join().unwrap();
+    second_backup.signal(libc::SIGTERM);
+    let third = second_backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "--- first primary:\n{}\n--- second (old backup):\n{}\n--- third (new backup):\n{}",
+        first.stderr, second.stderr, third.stderr
+    );
+    let want = want.unwrap_or_else(|e| panic!("client: {e}\n{diag}"));
+    let (_, line) = line.unwrap_or_else(|| panic!("the third host never finished the stream\n{diag}"));
+    assert_eq!(field(&line, "bytes="), TOTAL.to_string(), "{diag}");
+    assert_eq!(
+        field(&line, "sha256="),
+        want,
+        "stream corrupted across two failovers\n{diag}"
+    );
+    assert!(
+        second.stderr.contains("failover:") && third.stderr.contains("failover:"),
+        "{diag}"
+    );
+}

@@ -68,8 +68,13 @@ pub enum BackupError {
 
 /// How the backup's watch ended.
 pub enum Outcome {
-    /// The primary died: the guest, resumed and ready to run.
-    Takeover { vmm: Box<Vmm>, timing: FailoverTiming },
+    /// The primary died: the guest, resumed and ready to run, and the
+    /// output mode it was protected with (for protecting it again).
+    Takeover {
+        vmm: Box<Vmm>,
+        timing: FailoverTiming,
+        output: OutputMode,
+    },
     /// The primary's guest ended on purpose.
     Shutdown(String),
 }
@@ -161,9 +166,11 @@ pub fn serve(opts: BackupOptions, console: Box<dyn Write + Send>) -> Result<Outc
         *lock(&busy) = None;
         match r {
             Ok(Some((standby, why, last_rx))) => {
+                let output = standby.output;
                 return takeover(&opts, standby, why, last_rx, console).map(|(vmm, timing)| Outcome::Takeover {
                     vmm: Box::new(vmm),
                     timing,
+                    output,
                 });
             }
             Ok(None) => {}
