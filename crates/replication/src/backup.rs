@@ -459,12 +459,30 @@ fn apply(s: &mut Standby, disks: &[File], c: remora_proto::Checkpoint) -> Result
             return Err(format!("write to disk {}, the VM has {}", w.disk, disks.len()));
         }
     }
-    // Engine replicas refuse a delta out of order without changing.
-    let mut replicas = s.replicas.clone();
-    for (net, _, _, d) in &deltas {
-        replicas[*net]
-            .apply(d)
-            .map_err(|e| format!("engine delta of net {net}: {e}"))?;
+    // Every page inside guest memory, before anything changes.
+    for (gpa, _) in c.iter_pages() {
+        if vm_memory::GuestMemoryBackend::checked_offset(&s.mem, GuestAddress(gpa), 4095).is_none() {
+            return Err(format!("page {gpa:#x} outside guest memory"));
+        }
+    }
+    // A replica refuses a delta out of order without changing. With one
+    // net (the usual case) it is applied in place; with several, on copies
+    // (a copy holds every byte the engine holds), so a later net's refusal
+    // leaves the earlier ones untouched.
+    if deltas.len() <= 1 {
+        for (net, _, _, d) in &deltas {
+            s.replicas[*net]
+                .apply(d)
+                .map_err(|e| format!("engine delta of net {net}: {e}"))?;
+        }
+    } else {
+        let mut replicas = s.replicas.clone();
+        for (net, _, _, d) in &deltas {
+            replicas[*net]
+                .apply(d)
+                .map_err(|e| format!("engine delta of net {net}: {e}"))?;
+        }
+        s.replicas = replicas;
     }
     for (gpa, page) in c.iter_pages() {
         s.mem
@@ -476,7 +494,6 @@ fn apply(s: &mut Standby, disks: &[File], c: remora_proto::Checkpoint) -> Result
             .write_all_at(&w.data, w.offset)
             .map_err(|e| format!("disk {} write: {e}", w.disk))?;
     }
-    s.replicas = replicas;
     for (net, at, epoch, _) in deltas {
         s.engine_at[net] = Some((at, epoch));
     }
