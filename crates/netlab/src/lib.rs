@@ -95,8 +95,14 @@ pub struct Netns {
 impl Netns {
     /// Creates a namespace with loopback up.
     pub fn new(tag: &str) -> Result<Netns> {
+        sweep_orphans();
         let name = unique_name(tag);
         run(Command::new("ip").args(["netns", "add", &name]))?;
+        // Who owns it: a test killed before its drop ran (SIGKILL, a
+        // timeout) leaves the namespace, and the next one created on this
+        // host removes it.
+        let _ = std::fs::create_dir_all(OWNERS);
+        let _ = std::fs::write(owner_file(&name), std::process::id().to_string());
         let ns = Netns {
             name,
             children: Vec::new(),
@@ -272,6 +278,42 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
             .status();
+        let _ = std::fs::remove_file(owner_file(&self.name));
+    }
+}
+
+/// Where each namespace this crate creates records its owner's PID.
+const OWNERS: &str = "/run/remora-netlab";
+
+fn owner_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(OWNERS).join(name)
+}
+
+/// Deletes namespaces whose owner process is gone (killed before it could
+/// clean up). A live owner, or a PID that cannot be read, keeps its
+/// namespace.
+fn sweep_orphans() {
+    let Ok(dir) = std::fs::read_dir(OWNERS) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the PID exists.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -360,6 +402,28 @@ mod tests {
             return Err(std::io::Error::last_os_error());
         }
         Ok(f.into())
+    }
+
+    /// A namespace whose owner died without dropping it is removed by the
+    /// next namespace created; one whose owner lives is kept.
+    #[test]
+    fn namespaces_of_dead_owners_are_swept() {
+        let mut dead = Command::new("true").spawn().unwrap();
+        let pid = dead.id();
+        dead.wait().unwrap();
+        let orphan = unique_name("or");
+        run(Command::new("ip").args(["netns", "add", &orphan])).unwrap();
+        std::fs::create_dir_all(OWNERS).unwrap();
+        std::fs::write(owner_file(&orphan), pid.to_string()).unwrap();
+        let live = Netns::new("lv").unwrap();
+        let other = Netns::new("ot").unwrap();
+        assert!(!exists(&orphan), "orphan {orphan} not swept");
+        assert!(!owner_file(&orphan).exists());
+        assert!(exists(live.name()) && owner_file(live.name()).exists());
+        let name = live.name().to_string();
+        drop(live);
+        drop(other);
+        assert!(!exists(&name) && !owner_file(&name).exists());
     }
 
     /// Two namespaces joined by a veth pair.
