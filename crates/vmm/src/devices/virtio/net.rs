@@ -535,35 +535,29 @@ impl NetWorker {
     /// Moves the engine's frames for the guest into the RX ring; true if
     /// some are left for lack of buffers.
     fn deliver_to_guest(&mut self) -> bool {
+        let Some(port) = &mut self.port else {
+            return false;
+        };
         let mut used = false;
         let blocked = loop {
-            let Some(port) = &mut self.port else {
+            let Some(f) = port.to_guest.front_mut() else {
                 break false;
             };
-            let Some(f) = port.to_guest.front() else {
-                break false;
-            };
-            let n = f.len().min(self.rx_frame.len());
-            self.rx_frame[..n].copy_from_slice(&f[..n]);
-            self.rx_pending = n;
-            if self.deliver_rx() {
+            if Self::deliver_rx(&mut self.rx, &self.mem, self.mergeable, f) {
                 used = true;
-                self.rx_pending = 0;
-                if let Some(port) = &mut self.port {
-                    port.to_guest.pop_front();
-                }
+                port.to_guest.pop_front();
             } else {
-                self.rx_pending = 0;
                 match self.rx.enable_notification(&self.mem) {
                     Ok(true) => continue,
                     _ => break true,
                 }
             }
         };
+        let backlogged = port.guest_backlogged();
         if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt.signal_used();
         }
-        blocked || self.port.as_ref().is_some_and(|p| p.guest_backlogged())
+        blocked || backlogged
     }
 
     /// Moves frames from the TAP into the RX ring until either is empty.
@@ -583,7 +577,8 @@ impl NetWorker {
                     }
                 }
             }
-            if self.deliver_rx() {
+            let len = self.rx_pending;
+            if Self::deliver_rx(&mut self.rx, &self.mem, self.mergeable, &mut self.rx_frame[..len]) {
                 used = true;
                 self.rx_pending = 0;
             } else {
@@ -601,43 +596,43 @@ impl NetWorker {
         blocked
     }
 
-    /// Writes the pending frame into one chain (or several with mergeable
+    /// Writes `frame` (vnet header included) into one chain (or several with mergeable
     /// buffers). Returns false, leaving the ring untouched, if the guest
     /// has not posted enough room.
-    fn deliver_rx(&mut self) -> bool {
-        let len = self.rx_pending;
+    fn deliver_rx(rx: &mut Queue, mem: &GuestMemoryMmap, mergeable: bool, frame: &mut [u8]) -> bool {
+        let len = frame.len();
         let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
         let mut room = 0usize;
         while room < len {
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+            let Some(chain) = rx.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
             let bufs: Vec<(GuestAddress, usize)> = chain.writable().map(|d| (d.addr(), d.len() as usize)).collect();
             room += bufs.iter().map(|b| b.1).sum::<usize>();
             chains.push((head, bufs));
-            if !self.mergeable {
+            if !mergeable {
                 break;
             }
         }
         if room < len {
-            if !self.mergeable && !chains.is_empty() {
+            if !mergeable && !chains.is_empty() {
                 // One buffer too small for this frame, and there will never
                 // be a bigger one: drop the frame, return the buffer.
                 tracing::warn!("virtio-net: RX buffer of {room} bytes too small for a {len}-byte frame");
                 for (head, _) in &chains {
-                    let _ = self.rx.add_used(&self.mem, *head, 0);
+                    let _ = rx.add_used(mem, *head, 0);
                 }
                 return true;
             }
             for _ in &chains {
-                self.rx.go_to_previous_position();
+                rx.go_to_previous_position();
             }
             return false;
         }
         // num_buffers (offset 10 of virtio_net_hdr_v1).
         let nbuf = chains.len() as u16;
-        self.rx_frame[10..12].copy_from_slice(&nbuf.to_le_bytes());
+        frame[10..12].copy_from_slice(&nbuf.to_le_bytes());
         let mut off = 0;
         for (head, bufs) in &chains {
             let start = off;
@@ -646,12 +641,12 @@ impl NetWorker {
                     break;
                 }
                 let n = (*blen).min(len - off);
-                if self.mem.write_slice(&self.rx_frame[off..off + n], *addr).is_err() {
+                if mem.write_slice(&frame[off..off + n], *addr).is_err() {
                     tracing::warn!("virtio-net: RX buffer outside guest memory");
                 }
                 off += n;
             }
-            let _ = self.rx.add_used(&self.mem, *head, (off - start) as u32);
+            let _ = rx.add_used(mem, *head, (off - start) as u32);
         }
         true
     }
