@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use remora_proto::{BackupConfig, BackupEvent, BackupSession, DeviceIdentity, OutputMode, VmIdentity};
 use remora_spec::{EngineDelta, EngineReplica, EpochId};
+use remora_vmm::devices::lock;
 use remora_vmm::memory::GuestMemoryMmap;
 use remora_vmm::snapshot::MachineSnapshot;
 use remora_vmm::{DiskConfig, NetConfig, RestoreDevices, RestoredEngine, Vmm};
@@ -181,10 +182,6 @@ pub fn serve(opts: BackupOptions, console: Box<dyn Write + Send>) -> Result<Outc
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Accepts connections: the first goes to the watcher, others are refused
 /// while one is being served.
 fn accept_thread(
@@ -285,7 +282,7 @@ fn watch_link(
                 session.handle_input(origin.elapsed(), &buf[..n]);
                 false
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => false,
+            Err(e) if crate::would_block(&e) => false,
             Err(e) => {
                 tracing::warn!("replication link from {peer}: {e}");
                 true

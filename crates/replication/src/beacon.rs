@@ -40,6 +40,13 @@ impl Link {
         r
     }
 
+    /// Encodes and writes one message.
+    pub fn send(&self, m: &remora_proto::Message) -> std::io::Result<()> {
+        let mut out = Vec::new();
+        m.encode(&mut out).map_err(std::io::Error::other)?;
+        self.write(&out)
+    }
+
     fn touch(&self) {
         self.last_tx
             .store(self.origin.elapsed().as_nanos() as u64, Ordering::Release);

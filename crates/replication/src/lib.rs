@@ -25,3 +25,8 @@ pub use remora_proto::OutputMode;
 pub fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 4).max(Duration::from_millis(5))
 }
+
+/// A read that timed out (a socket with a read timeout), not an error.
+pub(crate) fn would_block(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+}

@@ -31,6 +31,7 @@ use remora_proto::{
 };
 use remora_spec::EpochId;
 use remora_vmm::checkpoint::{Checkpoint, ReplHook, ReplReply, ReplRequest};
+use remora_vmm::devices::lock;
 use remora_vmm::devices::virtio::commit::OutputCommit;
 use remora_vmm::memory::GuestMemoryMmap;
 use remora_vmm::{VmEvent, Vmm};
@@ -227,13 +228,7 @@ impl Protector {
         let link = lock(&self.inner.writer).clone();
         self.inner.stopping.store(true, Ordering::Release);
         if let Some(w) = link {
-            let mut out = Vec::new();
-            if (remora_proto::Message::Shutdown { reason: reason.into() })
-                .encode(&mut out)
-                .is_ok()
-            {
-                let _ = w.write(&out);
-            }
+            let _ = w.send(&remora_proto::Message::Shutdown { reason: reason.into() });
             w.close();
         }
     }
@@ -277,10 +272,6 @@ impl ReplHook for Hook {
     fn status(&self) -> String {
         self.0.status_line()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 const VM_STOPPED: &str = "the VM has stopped";
@@ -359,7 +350,7 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
         match reader.read(&mut buf) {
             Ok(0) => session.handle_eof(),
             Ok(n) => session.handle_input(start.elapsed(), &buf[..n]),
-            Err(e) if would_block(&e) => {}
+            Err(e) if crate::would_block(&e) => {}
             Err(e) => return format!("reading from {addr}: {e}"),
         }
         match session.poll_event() {
@@ -412,13 +403,9 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
     if !inner.stopping.load(Ordering::Acquire) {
         // If the backup is alive after all (a slow link, a stall), it must
         // not take over a guest that goes on here.
-        let mut out = Vec::new();
-        let bye = remora_proto::Message::Shutdown {
+        let _ = conn.send(&remora_proto::Message::Shutdown {
             reason: format!("{UNPROTECTED}{why}"),
-        };
-        if bye.encode(&mut out).is_ok() {
-            let _ = conn.write(&out);
-        }
+        });
     }
     if !inner.stopping.load(Ordering::Acquire) {
         conn.close();
@@ -437,7 +424,7 @@ struct Tx {
 
 impl Tx {
     /// Writes whatever the sender has (a heartbeat too, if one is due).
-    fn flush(&mut self, _inner: &Inner) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), String> {
         self.sender.handle_timeout(self.origin.elapsed());
         while let Some(b) = self.sender.poll_output() {
             self.link.write(&b).map_err(|e| format!("sending to the backup: {e}"))?;
@@ -445,13 +432,9 @@ impl Tx {
         Ok(())
     }
 
-    fn send_raw(&mut self, _inner: &Inner, b: &[u8]) -> Result<(), String> {
+    fn send_raw(&mut self, b: &[u8]) -> Result<(), String> {
         self.link.write(b).map_err(|e| format!("sending to the backup: {e}"))
     }
-}
-
-fn would_block(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
 /// The reader thread: acknowledgements commit epochs; Nacks ask for a
@@ -482,7 +465,7 @@ fn read_acks(
                 return;
             }
             Ok(n) => rx.handle_input(origin.elapsed(), &buf[..n]),
-            Err(e) if would_block(&e) => {}
+            Err(e) if crate::would_block(&e) => {}
             Err(e) => {
                 fail(format!("replication link: {e}"));
                 return;
@@ -560,7 +543,7 @@ fn sync_and_run(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Re
         return Err(e);
     }
     for (i, path) in inner.disks.iter().enumerate() {
-        precopy_disk(inner, tx, i as u32, path, &mut progress)?;
+        precopy_disk(tx, i as u32, path, &mut progress)?;
     }
     let mut rounds = 1;
     loop {
@@ -579,7 +562,7 @@ fn sync_and_run(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Re
         }
     }
     tx.sender.precopy_done(rounds).map_err(|e| format!("encoding: {e}"))?;
-    tx.flush(inner)?;
+    tx.flush()?;
     eprintln!(
         "remora: protect: pre-copy done: {} MiB in {rounds} rounds, {:.1} s, {:.0} MiB/s",
         progress.bytes >> 20,
@@ -635,7 +618,7 @@ fn send_pages(inner: &Inner, tx: &mut Tx, pages: &[u64], round: u32, progress: &
         tx.sender
             .precopy_pages(chunk.iter().map(|(g, p)| (*g, p.as_slice())))
             .map_err(|e| format!("encoding pages: {e}"))?;
-        tx.flush(inner)?;
+        tx.flush()?;
         progress.bytes += (gpa.len() * 4096) as u64;
         progress.report("memory", (i + 1) * PAGES_PER_MESSAGE, pages.len(), round, false);
     }
@@ -644,7 +627,7 @@ fn send_pages(inner: &Inner, tx: &mut Tx, pages: &[u64], round: u32, progress: &
 }
 
 /// Sends a disk's allocated extents (SEEK_DATA/SEEK_HOLE).
-fn precopy_disk(inner: &Inner, tx: &mut Tx, disk: u32, path: &PathBuf, progress: &mut Progress) -> Result<(), String> {
+fn precopy_disk(tx: &mut Tx, disk: u32, path: &PathBuf, progress: &mut Progress) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).map_err(|e| format!("disk {}: {e}", path.display()))?;
     let len = f.metadata().map_err(|e| format!("disk {}: {e}", path.display()))?.len();
@@ -669,7 +652,7 @@ fn precopy_disk(inner: &Inner, tx: &mut Tx, disk: u32, path: &PathBuf, progress:
             tx.sender
                 .precopy_disk(disk, at, &buf[..n])
                 .map_err(|e| format!("encoding disk data: {e}"))?;
-            tx.flush(inner)?;
+            tx.flush()?;
             at += n as u64;
             sent += n as u64;
             progress.bytes += n as u64;
@@ -708,7 +691,7 @@ fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Resu
             }
         };
         for b in resend {
-            tx.send_raw(inner, &b)?;
+            tx.send_raw(&b)?;
         }
         // At most max_in_flight unacknowledged: the epoch stretches.
         {
@@ -718,7 +701,7 @@ fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Resu
                 l = g;
                 if to.timed_out() {
                     drop(l);
-                    tx.flush(inner)?;
+                    tx.flush()?;
                     l = lock(&link.0);
                 }
             }
@@ -769,8 +752,8 @@ fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Resu
             l.inflight.push_back(InFlight { seq, epochs, bytes });
             lock(&inner.status).lag = l.inflight.len() as u64;
         }
-        tx.send_raw(inner, &copy)?;
-        tx.flush(inner)?;
+        tx.send_raw(&copy)?;
+        tx.flush()?;
         seq += 1;
     }
 }

@@ -106,10 +106,8 @@ pub struct Checkpoint {
     pub engines: Vec<Option<Sealed>>,
     /// Per disk: the guest's writes since the previous checkpoint, in order.
     pub disks: Vec<Vec<DiskWrite>>,
-    /// How long the vCPUs were paused, and the parts of it, in microseconds.
+    /// How long the vCPUs were paused, in microseconds.
     pub pause_us: u64,
-    pub copy_us: u64,
-    pub state_us: u64,
 }
 
 /// The replication driver's part of the control socket.
@@ -260,38 +258,19 @@ impl Vmm {
         let pause_us = t0.elapsed().as_micros() as u64;
         self.mmio.resume_all();
         drop(_rt);
-        let (state, pages, engines, disks, state_us, copy_us) = captured?;
-        Ok(Checkpoint {
-            seq,
-            state,
-            pages,
-            engines,
-            disks,
-            pause_us,
-            copy_us,
-            state_us,
-        })
+        let mut c = captured?;
+        c.pause_us = pause_us;
+        Ok(c)
     }
 
-    #[allow(clippy::type_complexity)]
+    /// With the VM parked: everything of checkpoint `seq` but its pause time.
     fn capture_checkpoint(
         &mut self,
         control: &crate::vcpu::VcpuControl,
         save: u64,
         seq: u64,
         buf: Vec<u8>,
-    ) -> Result<
-        (
-            MachineSnapshot,
-            Staging,
-            Vec<Option<Sealed>>,
-            Vec<Vec<DiskWrite>>,
-            u64,
-            u64,
-        ),
-        String,
-    > {
-        let t0 = Instant::now();
+    ) -> Result<Checkpoint, String> {
         let vcpus = control.take_states(save)?;
         let vm = remora_vmstate::save_vm(&self.vm).map_err(|e| e.to_string())?;
         let serial = lock(&self.serial).state();
@@ -302,23 +281,26 @@ impl Vmm {
         // Device workers are parked: their seals and logs are final.
         let engines: Vec<Option<Sealed>> = self.repl.nets.iter().map(|n| n.commit.take_sealed()).collect();
         let disks: Vec<Vec<DiskWrite>> = self.repl.disks.iter().map(|d| d.log.take()).collect();
-        let state_us = t0.elapsed().as_micros() as u64;
-        let t1 = Instant::now();
         self.harvest()?;
         let (pages, _) = Staging::copy_until(&self.mem, self.repl_dirty.pages(), buf, None);
         // Staged: a checkpoint that does not reach the backup ends the
         // protection, and a new one starts with a full copy.
         self.repl_dirty.delivered();
-        let copy_us = t1.elapsed().as_micros() as u64;
-        let state = MachineSnapshot {
-            seq: seq as u32,
-            mem_mib: self.mem_mib,
-            vcpus,
-            vm,
-            serial,
-            devices,
-        };
-        Ok((state, pages, engines, disks, state_us, copy_us))
+        Ok(Checkpoint {
+            seq,
+            state: MachineSnapshot {
+                seq: seq as u32,
+                mem_mib: self.mem_mib,
+                vcpus,
+                vm,
+                serial,
+                devices,
+            },
+            pages,
+            engines,
+            disks,
+            pause_us: 0,
+        })
     }
 
     /// Pages harvested but not sent (the rest of a pre-copy): the next
