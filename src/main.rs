@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use remora_replication::primary::{PrimaryOptions, Protector};
+use remora_replication::OutputMode;
 use remora_vmm::{VmConfig, VmEvent, VmExit, Vmm};
 
 #[derive(Parser)]
@@ -272,16 +274,38 @@ struct RunArgs {
     kvm: PathBuf,
 }
 
+impl From<OutputArg> for OutputMode {
+    fn from(o: OutputArg) -> OutputMode {
+        match o {
+            OutputArg::Speculative => OutputMode::Speculative,
+            OutputArg::Buffered => OutputMode::Buffered,
+        }
+    }
+}
+
 /// The engine between a protected guest's net devices and their TAPs.
-fn engine_config(output: OutputArg) -> remora_spec::Config {
+fn engine_config(output: OutputMode) -> remora_spec::Config {
     remora_spec::Config {
         mode: match output {
-            OutputArg::Speculative => remora_spec::Mode::Speculative,
-            OutputArg::Buffered => remora_spec::Mode::Buffered,
+            OutputMode::Speculative => remora_spec::Mode::Speculative,
+            OutputMode::Buffered => remora_spec::Mode::Buffered,
         },
         per_flow_budget: 16 << 20,
         tso_max: 64_000,
         ..remora_spec::Config::default()
+    }
+}
+
+/// How a VM is protected (`run --protect`, `ctl protect`, and a backup's
+/// resumed guest protected again).
+fn primary_options(epoch_ms: u64, output: OutputMode, heartbeat_timeout_ms: u64) -> PrimaryOptions {
+    PrimaryOptions {
+        epoch: std::time::Duration::from_millis(epoch_ms),
+        output,
+        heartbeat_timeout: std::time::Duration::from_millis(heartbeat_timeout_ms),
+        max_in_flight: 3,
+        engine: engine_config(output),
+        connect_timeout: std::time::Duration::from_secs(5),
     }
 }
 
@@ -373,7 +397,7 @@ fn forward_stop_signals(on_signal: impl Fn(&'static str) -> bool + Send + 'stati
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let engine = engine_config(args.output);
+    let opts = primary_options(args.epoch_ms, args.output.into(), args.heartbeat_timeout_ms);
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -387,26 +411,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         nets: args.net,
         // With --protect the engine is on the path from boot, so every
         // TCP flow is seen from its SYN and can be speculated.
-        output: args.protect.as_ref().map(|_| engine.clone()),
+        output: args.protect.as_ref().map(|_| opts.engine.clone()),
     };
     let mut vmm = Vmm::new(config)?;
     if let Some(p) = args.control {
         vmm.set_control_socket(p);
     }
-    let protector = remora_replication::primary::Protector::new(
-        &vmm,
-        remora_replication::primary::PrimaryOptions {
-            epoch: std::time::Duration::from_millis(args.epoch_ms),
-            output: match args.output {
-                OutputArg::Speculative => remora_replication::OutputMode::Speculative,
-                OutputArg::Buffered => remora_replication::OutputMode::Buffered,
-            },
-            heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
-            max_in_flight: 3,
-            engine,
-            connect_timeout: std::time::Duration::from_secs(5),
-        },
-    );
+    let protector = Protector::new(&vmm, opts);
     vmm.set_repl_hook(protector.hook());
     if let Some(addr) = &args.protect {
         protector.protect(addr)?;
@@ -436,7 +447,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         disks: args.disk,
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
         kvm_path: args.kvm,
-        engine: engine_config(OutputArg::Speculative),
+        engine: engine_config(OutputMode::Speculative),
     };
     // A backup standing by exits on a stop signal; once it runs the guest,
     // the signal stops the VM as for `remora run`.
@@ -456,20 +467,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
                 vmm.set_control_socket(p);
             }
             // The new primary can be protected again (`ctl protect`).
-            let protector = remora_replication::primary::Protector::new(
-                &vmm,
-                remora_replication::primary::PrimaryOptions {
-                    epoch: std::time::Duration::from_millis(25),
-                    output: output_mode,
-                    heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
-                    max_in_flight: 3,
-                    engine: engine_config(match output_mode {
-                        remora_replication::OutputMode::Speculative => OutputArg::Speculative,
-                        remora_replication::OutputMode::Buffered => OutputArg::Buffered,
-                    }),
-                    connect_timeout: std::time::Duration::from_secs(5),
-                },
-            );
+            let protector = Protector::new(&vmm, primary_options(25, output_mode, args.heartbeat_timeout_ms));
             vmm.set_repl_hook(protector.hook());
             let decided = timing.decided_at;
             eprintln!(
