@@ -194,35 +194,7 @@ impl Vm {
                 }
                 c
             }
-            Kind::Qemu => {
-                let mut c = vm.lan.primary.command("qemu-system-x86_64");
-                c.args([
-                    "-M",
-                    "microvm,acpi=on",
-                    "-accel",
-                    "kvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                ])
-                .args([
-                    "-smp",
-                    &v,
-                    "-m",
-                    &m,
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                ])
-                .args(["-serial", "stdio", "-no-reboot", "-kernel", &g, "-append", &cmdline])
-                .args([
-                    "-netdev",
-                    &format!("tap,id=n0,ifname={},script=no,downscript=no,vhost=off", vm.lan.tap),
-                ])
-                .args(["-device", &format!("virtio-net-device,netdev=n0,mac={MAC}")])
-                .args(["-global", "virtio-mmio.force-legacy=false"]);
-                c
-            }
+            Kind::Qemu => common::qemu_microvm(&vm.lan.primary, &v, &m, &g, &cmdline, &vm.lan.tap, Some(MAC)),
         };
         let mut p = common::spawn(&mut cmd);
         if p.wait_line("remora-guest: net up", Duration::from_secs(30)).is_none() {
@@ -242,21 +214,10 @@ impl Vm {
             .args(["--net", &format!("tap={},mac={MAC}", self.lan.tap)])
             .args(["--control", self.bsock.to_str().unwrap()]);
         self.backup = Some(common::spawn(&mut cmd));
-        let port = format!(":{REPL_PORT}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self
-                .lan
-                .backup
-                .exec("ss", &["-ltnH"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-            if out.is_ok_and(|o| o.contains(&port)) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err("the backup never listened".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if common::wait_listening(&self.lan.backup, REPL_PORT, Duration::from_secs(10)) {
+            Ok(())
+        } else {
+            Err("the backup never listened".into())
         }
     }
 

@@ -74,59 +74,59 @@ impl Pair {
         format!("{BACKUP_REPL_IP}:{}", self.port)
     }
 
+    /// `remora run` of the test guest with `workloads` on the primary host's
+    /// TAP and control socket, then `extra` options.
+    fn primary_command(&self, workloads: &str, extra: &[&str]) -> std::process::Command {
+        let mut cmd = self.lan.primary.command(remora_bin().to_str().unwrap());
+        cmd.args(["run", "--kernel", guest_bin().to_str().unwrap()])
+            .args(["--cmdline", &format!("workload={workloads} ip={GUEST_IP}/24")])
+            .args(["--net", &format!("tap={},mac={MAC}", self.lan.tap)])
+            .args(["--control", self.psock.to_str().unwrap()])
+            .args(extra);
+        cmd
+    }
+
+    /// Starts `cmd` as the primary and waits for the guest's network.
+    fn boot_primary(&mut self, mut cmd: std::process::Command) {
+        let mut p = spawn(&mut cmd);
+        p.wait_line("remora-guest: net up", Duration::from_secs(30))
+            .expect("primary guest network up");
+        self.primary = Some(p);
+    }
+
+    /// `remora backup --listen LISTEN` in `ns` on that host's TAP, then
+    /// `extra` options.
+    fn backup_command(&self, ns: &remora_netlab::Netns, listen: &str, extra: &[&str]) -> std::process::Command {
+        let mut cmd = ns.command(remora_bin().to_str().unwrap());
+        cmd.args(["backup", "--listen", listen])
+            .args(["--net", &format!("tap={},mac={MAC}", self.lan.tap)])
+            .args(extra);
+        cmd
+    }
+
     /// Starts a backup (waits for it to listen).
     fn start_backup(&mut self, o: &Opts) {
-        let mut args: Vec<String> = vec![
-            "backup".into(),
-            "--listen".into(),
-            self.backup_addr(),
-            "--net".into(),
-            format!("tap={},mac={MAC}", self.lan.tap),
-            "--control".into(),
-            self.bsock.display().to_string(),
-        ];
+        let mut extra = vec!["--control".to_string(), self.bsock.display().to_string()];
         if o.disk_mib > 0 {
             let d = self.disk("backup.img", o.disk_mib);
-            args.extend(["--disk".into(), d.display().to_string()]);
+            extra.extend(["--disk".into(), d.display().to_string()]);
         }
-        let mut cmd = self.lan.backup.command(remora_bin().to_str().unwrap());
-        cmd.args(&args);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut cmd = self.backup_command(&self.lan.backup, &self.backup_addr(), &extra);
         self.backup = Some(spawn(&mut cmd));
-        // The listener is up once the backup's namespace lists it.
-        let port = format!(":{}", self.port);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self
-                .lan
-                .backup
-                .exec("ss", &["-ltnH"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-            if out.is_ok_and(|o| o.contains(&port)) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the backup never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            wait_listening(&self.lan.backup, self.port, Duration::from_secs(10)),
+            "the backup never listened"
+        );
     }
 
     /// Boots the protected primary and waits until it is protected.
     fn start_primary(&mut self, o: &Opts) {
-        let guest = guest_bin();
-        let cmdline = format!("workload={} ip={GUEST_IP}/24", o.workloads);
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--kernel".into(),
-            guest.display().to_string(),
-            "--cmdline".into(),
-            cmdline,
+        let mut extra: Vec<String> = vec![
             "--vcpus".into(),
             o.vcpus.to_string(),
             "--mem".into(),
             "256".into(),
-            "--net".into(),
-            format!("tap={},mac={MAC}", self.lan.tap),
-            "--control".into(),
-            self.psock.display().to_string(),
             "--protect".into(),
             self.backup_addr(),
             "--output".into(),
@@ -134,14 +134,10 @@ impl Pair {
         ];
         if o.disk_mib > 0 {
             let d = self.disk("primary.img", o.disk_mib);
-            args.extend(["--disk".into(), d.display().to_string()]);
+            extra.extend(["--disk".into(), d.display().to_string()]);
         }
-        let mut cmd = self.lan.primary.command(remora_bin().to_str().unwrap());
-        cmd.args(&args);
-        let mut p = spawn(&mut cmd);
-        p.wait_line("remora-guest: net up", Duration::from_secs(30))
-            .expect("primary guest network up");
-        self.primary = Some(p);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        self.boot_primary(self.primary_command(o.workloads, &extra));
         if let Err(st) = try_wait_status(&self.psock, "protected=yes", Duration::from_secs(60)) {
             let p = self.primary.take().unwrap();
             p.signal(libc::SIGKILL);
@@ -559,29 +555,9 @@ fn corrupt_checkpoint_is_refused_and_failover_stays_exact() {
     let proxy = remora_netlab::CorruptProxy::start(&pair.lan.primary, listen, target).expect("proxy");
     let real = pair.port;
     // start_primary protects to backup_addr(): point it at the proxy.
-    let guest = guest_bin();
-    let mut cmd = pair.lan.primary.command(remora_bin().to_str().unwrap());
-    cmd.args([
-        "run",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        &format!("workload=sink:5001 ip={GUEST_IP}/24"),
-        "--vcpus",
-        "2",
-        "--mem",
-        "256",
-        "--net",
-        &format!("tap={},mac={MAC}", pair.lan.tap),
-        "--control",
-        pair.psock.to_str().unwrap(),
-        "--protect",
-        &proxy.local_addr().to_string(),
-    ]);
-    let mut p = spawn(&mut cmd);
-    p.wait_line("remora-guest: net up", Duration::from_secs(30))
-        .expect("net up");
-    pair.primary = Some(p);
+    let proxied = proxy.local_addr().to_string();
+    let cmd = pair.primary_command("sink:5001", &["--vcpus", "2", "--mem", "256", "--protect", &proxied]);
+    pair.boot_primary(cmd);
     wait_status(&pair.psock, "protected=yes", Duration::from_secs(60));
     let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
     std::thread::sleep(Duration::from_millis(500));
@@ -652,39 +628,18 @@ fn bad_input_is_refused_clearly() {
     };
     let small = pair.disk("small.img", 8);
     let big = pair.disk("big.img", 16);
-    let mut c = pair.lan.backup.command(remora_bin().to_str().unwrap());
-    c.args([
-        "backup",
-        "--listen",
+    let mut c = pair.backup_command(
+        &pair.lan.backup,
         &pair.backup_addr(),
-        "--net",
-        &format!("tap={},mac={MAC}", pair.lan.tap),
-        "--disk",
-        small.to_str().unwrap(),
-    ]);
+        &["--disk", small.to_str().unwrap()],
+    );
     pair.backup = Some(spawn(&mut c));
     std::thread::sleep(Duration::from_millis(500));
-    let guest = guest_bin();
-    let mut c = pair.lan.primary.command(remora_bin().to_str().unwrap());
-    c.args([
-        "run",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        &format!("workload={} ip={GUEST_IP}/24", o.workloads),
-        "--net",
-        &format!("tap={},mac={MAC}", pair.lan.tap),
-        "--disk",
-        big.to_str().unwrap(),
-        "--control",
-        pair.psock.to_str().unwrap(),
-        "--protect",
-        &pair.backup_addr(),
-    ]);
-    let mut p = spawn(&mut c);
-    p.wait_line("remora-guest: net up", Duration::from_secs(30))
-        .expect("net up");
-    pair.primary = Some(p);
+    let c = pair.primary_command(
+        o.workloads,
+        &["--disk", big.to_str().unwrap(), "--protect", &pair.backup_addr()],
+    );
+    pair.boot_primary(c);
     let st = wait_status(&pair.psock, "last_error=", Duration::from_secs(20));
     assert!(st.contains("protected=no") && st.contains("size differs"), "{st}");
 
@@ -694,16 +649,12 @@ fn bad_input_is_refused_clearly() {
     b.signal(libc::SIGKILL);
     let _ = b.finish(Duration::from_secs(5));
     pair.port = next_port();
-    let mut c = pair.lan.backup.command(remora_bin().to_str().unwrap());
-    c.args([
-        "backup",
-        "--listen",
+    let matching = pair.disk("match.img", 16);
+    let mut c = pair.backup_command(
+        &pair.lan.backup,
         &pair.backup_addr(),
-        "--net",
-        &format!("tap={},mac={MAC}", pair.lan.tap),
-        "--disk",
-        pair.disk("match.img", 16).to_str().unwrap(),
-    ]);
+        &["--disk", matching.to_str().unwrap()],
+    );
     pair.backup = Some(spawn(&mut c));
     std::thread::sleep(Duration::from_millis(500));
     let (ok, out) = ctl(&pair.psock, &["protect", &pair.backup_addr()]);
@@ -734,6 +685,7 @@ fn bad_input_is_refused_clearly() {
     std::thread::sleep(Duration::from_millis(200));
     let mut c = pair.lan.primary.command(remora_bin().to_str().unwrap());
     let sock2 = pair.dir.join("p2.sock");
+    let guest = guest_bin();
     c.args([
         "run",
         "--kernel",
@@ -772,25 +724,8 @@ fn protect_a_running_vm() {
         vcpus: 2,
     };
     pair.start_backup(&o);
-    let guest = guest_bin();
-    let mut cmd = pair.lan.primary.command(remora_bin().to_str().unwrap());
-    cmd.args([
-        "run",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        &format!("workload=sink:5001 ip={GUEST_IP}/24"),
-        "--vcpus",
-        "2",
-        "--net",
-        &format!("tap={},mac={MAC}", pair.lan.tap),
-        "--control",
-        pair.psock.to_str().unwrap(),
-    ]);
-    let mut p = spawn(&mut cmd);
-    p.wait_line("remora-guest: net up", Duration::from_secs(30))
-        .expect("net up");
-    pair.primary = Some(p);
+    let cmd = pair.primary_command("sink:5001", &["--vcpus", "2"]);
+    pair.boot_primary(cmd);
     let st = wait_status(&pair.psock, "protected=no", Duration::from_secs(5));
     assert!(!st.contains("last_error"), "{st}");
     let (ok, out) = ctl(&pair.psock, &["protect", &pair.backup_addr()]);
@@ -876,30 +811,12 @@ fn failover_reprotect_failover_again() {
     wait_status(&pair.bsock, "protected=no", Duration::from_secs(10));
     let port = next_port();
     let addr = format!("{}:{port}", remora_netlab::PRIMARY_REPL_IP);
-    let mut cmd = pair.lan.primary.command(remora_bin().to_str().unwrap());
-    cmd.args([
-        "backup",
-        "--listen",
-        &addr,
-        "--net",
-        &format!("tap={},mac={MAC}", pair.lan.tap),
-        "--control",
-        pair.psock.to_str().unwrap(),
-    ]);
+    let mut cmd = pair.backup_command(&pair.lan.primary, &addr, &["--control", pair.psock.to_str().unwrap()]);
     let mut second_backup = spawn(&mut cmd);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = pair
-            .lan
-            .primary
-            .exec("ss", &["-ltnH"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-        if out.is_ok_and(|o| o.contains(&format!(":{port}"))) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the second backup never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_listening(&pair.lan.primary, port, Duration::from_secs(10)),
+        "the second backup never listened"
+    );
     let (ok, out) = ctl(&pair.bsock, &["protect", &addr]);
     assert!(ok, "ctl protect on the new primary: {out}");
     wait_status(&pair.bsock, "protected=yes", Duration::from_secs(60));

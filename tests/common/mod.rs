@@ -286,39 +286,7 @@ pub fn boot_on_lan(lan: &remora_netlab::VmLan, vmm: Vmm, workloads: &str, vcpus:
             .args(["--net", &format!("tap={tap}")]);
             c
         }
-        Vmm::Qemu => {
-            let mut c = lan.host.command("qemu-system-x86_64");
-            c.args([
-                "-M",
-                "microvm,acpi=on",
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host,-arch-capabilities",
-            ])
-            .args([
-                "-smp",
-                &v,
-                "-m",
-                "256",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-            ])
-            .args(["-serial", "stdio", "-no-reboot", "-kernel", &g, "-append", &cmdline])
-            .args([
-                "-netdev",
-                &format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
-            ])
-            .args([
-                "-device",
-                "virtio-net-device,netdev=n0",
-                "-global",
-                "virtio-mmio.force-legacy=false",
-            ]);
-            c
-        }
+        Vmm::Qemu => qemu_microvm(&lan.host, &v, "256", &g, &cmdline, &tap, None),
     };
     let mut vm = spawn(&mut cmd);
     let Some((t, line)) = vm.wait_line("remora-guest: net up", Duration::from_secs(30)) else {
@@ -329,6 +297,67 @@ pub fn boot_on_lan(lan: &remora_netlab::VmLan, vmm: Vmm, workloads: &str, vcpus:
     assert!(line.contains(&format!("ip={}/24", remora_netlab::GUEST_IP)), "{line}");
     let mac = line.split("mac=").nth(1).unwrap_or("").trim().to_string();
     (vm, mac)
+}
+
+/// QEMU microvm (the baseline) booting `kernel` in `ns` on `tap`, with the
+/// same virtio-mmio version as remora's devices; `mac` defaults to QEMU's.
+pub fn qemu_microvm(
+    ns: &remora_netlab::Netns,
+    vcpus: &str,
+    mem_mib: &str,
+    kernel: &str,
+    cmdline: &str,
+    tap: &str,
+    mac: Option<&str>,
+) -> Command {
+    let mut c = ns.command("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm,acpi=on",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+    ])
+    .args([
+        "-smp",
+        vcpus,
+        "-m",
+        mem_mib,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ])
+    .args(["-serial", "stdio", "-no-reboot", "-kernel", kernel, "-append", cmdline])
+    .args([
+        "-netdev",
+        &format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
+    ]);
+    match mac {
+        Some(m) => c.args(["-device", &format!("virtio-net-device,netdev=n0,mac={m}")]),
+        None => c.args(["-device", "virtio-net-device,netdev=n0"]),
+    };
+    c.args(["-global", "virtio-mmio.force-legacy=false"]);
+    c
+}
+
+/// Waits up to `timeout` until something listens on TCP `port` in `ns`.
+pub fn wait_listening(ns: &remora_netlab::Netns, port: u16, timeout: Duration) -> bool {
+    let port = format!(":{port} ");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = ns
+            .exec("ss", &["-ltnH"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        if out.is_ok_and(|o| o.contains(&port)) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `remora ctl SOCKET ARGS`: (success, stdout + stderr).
