@@ -284,15 +284,15 @@ impl From<OutputArg> for OutputMode {
 }
 
 /// The engine between a protected guest's net devices and their TAPs.
-fn engine_config(output: OutputMode) -> remora_spec::Config {
-    remora_spec::Config {
+fn engine_config(output: OutputMode) -> remora_speculate::Config {
+    remora_speculate::Config {
         mode: match output {
-            OutputMode::Speculative => remora_spec::Mode::Speculative,
-            OutputMode::Buffered => remora_spec::Mode::Buffered,
+            OutputMode::Speculative => remora_speculate::Mode::Speculative,
+            OutputMode::Buffered => remora_speculate::Mode::Buffered,
         },
         per_flow_budget: 16 << 20,
         tso_max: 64_000,
-        ..remora_spec::Config::default()
+        ..remora_speculate::Config::default()
     }
 }
 
@@ -643,9 +643,9 @@ fn relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
     use std::sync::Arc;
     use std::time::Duration;
     let (mode, mode_name) = match args.mode {
-        RelayMode::Direct => (remora_spec::Mode::Direct, "direct"),
-        RelayMode::Buffered => (remora_spec::Mode::Buffered, "buffered"),
-        RelayMode::Speculative => (remora_spec::Mode::Speculative, "speculative"),
+        RelayMode::Direct => (remora_speculate::Mode::Direct, "direct"),
+        RelayMode::Buffered => (remora_speculate::Mode::Buffered, "buffered"),
+        RelayMode::Speculative => (remora_speculate::Mode::Speculative, "speculative"),
     };
     let cfg = remora_relay::RelayConfig {
         inner_tap: args.inner_tap,

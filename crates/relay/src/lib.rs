@@ -1,4 +1,4 @@
-//! `remora-relay`: the speculative TCP engine ([`remora_spec::Engine`])
+//! `remora-relay`: the speculative TCP engine ([`remora_speculate::Engine`])
 //! between two TAP devices.
 //!
 //! The inner TAP stands for the protected guest, the outer one for the
@@ -23,7 +23,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use remora_spec::{Config, Engine, EpochId, Mode, Side, Stats};
+use remora_speculate::{Config, Engine, EpochId, Mode, Side, Stats};
 use remora_vmm::devices::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 use tracing::{debug, warn};
 

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use remora_proto::{BackupConfig, BackupEvent, BackupSession, DeviceIdentity, OutputMode, VmIdentity};
-use remora_spec::{EngineDelta, EngineReplica, EpochId};
+use remora_speculate::{EngineDelta, EngineReplica, EpochId};
 use remora_vmm::devices::lock;
 use remora_vmm::memory::GuestMemoryMmap;
 use remora_vmm::snapshot::MachineSnapshot;
@@ -47,7 +47,7 @@ pub struct BackupOptions {
     pub kvm_path: PathBuf,
     /// Engine settings for the resumed guest (the mode follows the
     /// primary's output mode).
-    pub engine: remora_spec::Config,
+    pub engine: remora_speculate::Config,
 }
 
 /// Errors of the backup.
@@ -515,8 +515,8 @@ fn takeover(
     let t0 = Instant::now();
     let mut cfg = opts.engine.clone();
     cfg.mode = match s.output {
-        OutputMode::Speculative => remora_spec::Mode::Speculative,
-        OutputMode::Buffered => remora_spec::Mode::Buffered,
+        OutputMode::Speculative => remora_speculate::Mode::Speculative,
+        OutputMode::Buffered => remora_speculate::Mode::Buffered,
     };
     let engines = s
         .replicas

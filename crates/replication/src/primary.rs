@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use remora_proto::{
     DeviceIdentity, OutputMode, PrimaryConfig, PrimaryEvent, PrimaryReceiver, PrimarySender, PrimarySession, VmIdentity,
 };
-use remora_spec::EpochId;
+use remora_speculate::EpochId;
 use remora_vmm::checkpoint::{Checkpoint, ReplHook, ReplReply, ReplRequest};
 use remora_vmm::devices::lock;
 use remora_vmm::devices::virtio::commit::OutputCommit;
@@ -61,7 +61,7 @@ pub struct PrimaryOptions {
     /// Checkpoints sent and not yet acknowledged, at most.
     pub max_in_flight: usize,
     /// The engine put between each net device and its TAP.
-    pub engine: remora_spec::Config,
+    pub engine: remora_speculate::Config,
     /// How long to wait for the backup's TCP connection and hello.
     pub connect_timeout: Duration,
 }
@@ -530,7 +530,7 @@ fn sync_and_run(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Re
     // Engines on every net path before the first checkpoint.
     for c in &inner.commits {
         if !c.has_engine() {
-            c.install(remora_spec::Engine::new(inner.opts.engine.clone()));
+            c.install(remora_speculate::Engine::new(inner.opts.engine.clone()));
         }
     }
     let ReplReply::Pages(populated) = ask(inner, ReplRequest::StartTracking)? else {

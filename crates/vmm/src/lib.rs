@@ -61,7 +61,7 @@ pub struct VmConfig {
     /// Output commit for the nets (the engine between each device and its
     /// TAP), for a VM that is or will be protected; `None`: frames go
     /// straight to the TAP.
-    pub output: Option<remora_spec::Config>,
+    pub output: Option<remora_speculate::Config>,
 }
 
 pub use devices::virtio::net::NetConfig;
@@ -273,7 +273,7 @@ pub struct RestoreDevices {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     /// Output commit for the nets (see [`VmConfig::output`]).
-    pub output: Option<remora_spec::Config>,
+    pub output: Option<remora_speculate::Config>,
     /// Engines restored from a checkpoint, by net device (they announce
     /// the guest's MAC when the device starts).
     pub engines: Vec<Option<RestoredEngine>>,
@@ -284,7 +284,7 @@ pub struct RestoreDevices {
 
 /// An engine rebuilt from a checkpoint, and its clock at that checkpoint.
 pub struct RestoredEngine {
-    pub engine: remora_spec::Engine,
+    pub engine: remora_speculate::Engine,
     pub now: Duration,
 }
 
@@ -306,7 +306,7 @@ pub struct RestoreConfig {
 fn open_virtio(
     nets: &[NetConfig],
     disks: &[DiskConfig],
-    output: Option<&remora_spec::Config>,
+    output: Option<&remora_speculate::Config>,
     mut engines: Vec<Option<RestoredEngine>>,
     disk_ids: &[[u8; devices::virtio::block::ID_LEN]],
 ) -> Result<(Vec<Box<dyn devices::virtio::VirtioDevice>>, checkpoint::ReplDevices), VmError> {
@@ -323,7 +323,7 @@ fn open_virtio(
                 announce: true,
             }),
             (None, Some(cfg)) => net.set_output_commit(OutputSetup {
-                engine: remora_spec::Engine::new(cfg.clone()),
+                engine: remora_speculate::Engine::new(cfg.clone()),
                 now: Duration::ZERO,
                 announce: false,
             }),

@@ -104,8 +104,8 @@ pub fn complete_checksum(frame: &mut [u8], hdr: &VnetHdr) -> bool {
 /// came with: an offloaded checksum is completed in place (then verified
 /// by construction), DATA_VALID means verified, anything else is complete
 /// but unverified.
-pub fn engine_checksum(frame: &mut [u8], hdr: &VnetHdr) -> remora_spec::Checksum {
-    use remora_spec::Checksum;
+pub fn engine_checksum(frame: &mut [u8], hdr: &VnetHdr) -> remora_speculate::Checksum {
+    use remora_speculate::Checksum;
     if hdr.flags & F_NEEDS_CSUM != 0 {
         if complete_checksum(frame, hdr) {
             Checksum::Verified

@@ -1,5 +1,5 @@
 //! Output commit inside a virtio-net device: the speculative engine
-//! ([`remora_spec::Engine`]) between the device and its TAP.
+//! ([`remora_speculate::Engine`]) between the device and its TAP.
 //!
 //! The engine lives in the device's worker thread. The VMM and the
 //! replication driver talk to it through an [`OutputCommit`] handle:
@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use remora_spec::{Checksum, Engine, EngineDelta, EpochId, Side};
+use remora_speculate::{Checksum, Engine, EngineDelta, EpochId, Side};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::lock;
@@ -214,8 +214,8 @@ impl EnginePort {
             .speculative_flows()
             .iter()
             .filter_map(|k| match k.guest_ip {
-                remora_spec::wire::IpAddr::V4(a) => Some(a),
-                remora_spec::wire::IpAddr::V6(_) => None,
+                remora_speculate::wire::IpAddr::V4(a) => Some(a),
+                remora_speculate::wire::IpAddr::V6(_) => None,
             })
             .collect();
         ips.sort_unstable();

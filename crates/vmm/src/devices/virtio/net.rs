@@ -110,7 +110,7 @@ pub struct Net {
 /// An engine a device starts with.
 pub struct OutputSetup {
     /// A fresh engine, or one restored from a checkpoint.
-    pub engine: remora_spec::Engine,
+    pub engine: remora_speculate::Engine,
     /// The engine's clock when the device starts (its time at the
     /// checkpoint for a restored engine, else zero).
     pub now: std::time::Duration,

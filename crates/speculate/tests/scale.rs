@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use remora_spec::wire::{self, Parsed};
-use remora_spec::{Config, Engine, Mode, Side};
+use remora_speculate::wire::{self, Parsed};
+use remora_speculate::{Config, Engine, Mode, Side};
 
 const SERVER_PORT: u16 = 80;
 const EPOCH_MS: u64 = 25;
@@ -42,7 +42,7 @@ struct World {
     req_len: usize,
     resp_len: usize,
     next_seal: u64,
-    pending: Vec<(u64, remora_spec::EpochId)>,
+    pending: Vec<(u64, remora_speculate::EpochId)>,
     next_port: u16,
     max_flows: usize,
     max_reserved: u64,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use proptest::prelude::*;
-use remora_spec::wire::{self, flags, Build, IpAddr, Parsed};
-use remora_spec::{Config, DeltaError, Engine, EngineDelta, EngineReplica, EpochId, FlowKey, Mode, Side};
+use remora_speculate::wire::{self, flags, Build, IpAddr, Parsed};
+use remora_speculate::{Config, DeltaError, Engine, EngineDelta, EngineReplica, EpochId, FlowKey, Mode, Side};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -519,7 +519,7 @@ fn gisn(gport: u16) -> u32 {
     u32::from(gport).wrapping_mul(0x9e37_79b9)
 }
 
-fn drain(e: &mut Engine) -> Vec<remora_spec::Transmit> {
+fn drain(e: &mut Engine) -> Vec<remora_speculate::Transmit> {
     std::iter::from_fn(|| e.poll_transmit()).collect()
 }
 

@@ -1,10 +1,10 @@
 //! Rough single-core throughput of the engine (run with
-//! `cargo test -p remora-spec --release --test perf -- --ignored --nocapture`).
+//! `cargo test -p remora-speculate --release --test perf -- --ignored --nocapture`).
 
 use std::time::{Duration, Instant};
 
-use remora_spec::wire::{self, flags, Build, Net, Parsed};
-use remora_spec::{Config, Engine, Mode, Side};
+use remora_speculate::wire::{self, flags, Build, Net, Parsed};
+use remora_speculate::{Config, Engine, Mode, Side};
 
 #[allow(clippy::too_many_arguments)]
 fn frame(src: Net, from_guest: bool, seq: u32, ack: u32, fl: u8, win: u16, ts: (u32, u32), payload: &[u8]) -> Vec<u8> {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use common::{v4, v6, GUEST_MAC, PEER_MAC};
 use proptest::prelude::*;
-use remora_spec::wire::{self, flags, Build, Net, Parsed, Segment};
-use remora_spec::{Checksum, Config, Engine, EpochId, Mode, Side, Transmit};
+use remora_speculate::wire::{self, flags, Build, Net, Parsed, Segment};
+use remora_speculate::{Checksum, Config, Engine, EpochId, Mode, Side, Transmit};
 
 const GISN: u32 = 0xffff_f000; // wraps during the tests
 const PISN: u32 = 0x1000_0000;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use remora_spec::wire::{self, flags, Build, Net, Parsed};
-use remora_spec::{Config, Engine, EngineDelta, EngineReplica, EpochId, Mode, Side};
+use remora_speculate::wire::{self, flags, Build, Net, Parsed};
+use remora_speculate::{Config, Engine, EngineDelta, EngineReplica, EpochId, Mode, Side};
 
 /// xorshift64* — deterministic randomness from a proptest-chosen seed.
 #[derive(Clone, Debug)]
@@ -605,12 +605,12 @@ pub struct Sim {
     pub epoch_ms: u64,
     pub commit_delay: u64,
     pub next_seal: u64,
-    pub pending_commits: VecDeque<(u64, remora_spec::EpochId)>,
+    pub pending_commits: VecDeque<(u64, remora_speculate::EpochId)>,
     pub max_held: usize,
     pub budget: usize,
     /// Output-commit check: the guest's (snd_nxt, rcv_nxt) high-water marks
     /// at each seal, and the ones of the last committed epoch.
-    pub seal_marks: VecDeque<(remora_spec::EpochId, u32, u32)>,
+    pub seal_marks: VecDeque<(remora_speculate::EpochId, u32, u32)>,
     pub committed_mark: Option<(u32, u32)>,
     pub commit_violations: Vec<String>,
     /// Percent of frames lost between the guest and the engine (both ways;
@@ -852,7 +852,7 @@ impl Sim {
         }
     }
 
-    pub fn mark_committed(&mut self, id: remora_spec::EpochId) {
+    pub fn mark_committed(&mut self, id: remora_speculate::EpochId) {
         while self.seal_marks.front().is_some_and(|m| m.0 <= id) {
             if let Some((_, a, b)) = self.seal_marks.pop_front() {
                 self.committed_mark = Some((a, b));
@@ -987,11 +987,11 @@ pub fn run(p: &Params) -> Sim {
         p.jitter,
     );
     if p.tso {
-        let cfg = remora_spec::Config {
+        let cfg = remora_speculate::Config {
             tso_max: 64_000,
             ..sim.engine.config().clone()
         };
-        sim.engine = remora_spec::Engine::new(cfg);
+        sim.engine = remora_speculate::Engine::new(cfg);
     }
     sim.epoch_ms = p.epoch_ms;
     sim.commit_delay = p.commit_delay;

@@ -1,4 +1,4 @@
-//! `remora-spec`: the sans-IO speculative TCP engine of remora.
+//! `remora-speculate`: the sans-IO speculative TCP engine of remora.
 //!
 //! The engine sits between the guest ("inner" side) and the network
 //! ("outer" side, the peer) and sees layer-2 Ethernet frames. It has no

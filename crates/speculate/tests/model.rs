@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
-use remora_spec::Mode;
+use remora_speculate::Mode;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
@@ -153,7 +153,7 @@ fn mid_stream_flow_falls_back_and_works() {
     // Run the handshake in Direct mode (engine not in the path), then swap
     // in a fresh speculative engine: the flow is unknown to it.
     let cfg = sim.engine.config().clone();
-    sim.engine = remora_spec::Engine::new(remora_spec::Config {
+    sim.engine = remora_speculate::Engine::new(remora_speculate::Config {
         mode: Mode::Direct,
         ..cfg.clone()
     });
@@ -163,7 +163,7 @@ fn mid_stream_flow_falls_back_and_works() {
     assert!(sim.run_until(5_000, |s| s.guest.st == St::Established && s.peer.st == St::Established));
     sim.guest.data = d;
     sim.guest.fin_wanted = true;
-    sim.engine = remora_spec::Engine::new(cfg);
+    sim.engine = remora_speculate::Engine::new(cfg);
     sim.guest.rto_ms = Some(300);
     let ok = sim.run_until(200_000, |s| {
         s.guest.all_acked() && s.peer.all_acked() && s.peer.fin_rcvd && s.guest.fin_rcvd
