@@ -105,6 +105,17 @@ struct BackupArgs {
     /// Take over when the primary has been silent this long.
     #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     heartbeat_timeout_ms: u64,
+    /// One active copy, decided in etcd: etcd=URL[,URL...][,key=PREFIX]
+    /// (e.g. etcd=http://10.0.0.5:2379). Before a copy emits the guest's
+    /// output on its own (a VM starting, a primary going on without its
+    /// backup, a backup taking over) it must move the VM's generation
+    /// counter from the value it knows to the next one (compare-and-swap);
+    /// the loser never emits a frame (a primary that loses stops, exit
+    /// status 5; a backup that loses stands by). While etcd cannot be
+    /// reached, output is held. Use the same value on primary and backup.
+    /// Without a fence, a cut replication link can leave two active copies.
+    #[arg(long, value_name = "etcd=URL,...")]
+    fence: Option<remora_replication::fence::FenceConfig>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -269,6 +280,17 @@ struct RunArgs {
     /// unprotected).
     #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     heartbeat_timeout_ms: u64,
+    /// One active copy, decided in etcd: etcd=URL[,URL...][,key=PREFIX]
+    /// (e.g. etcd=http://10.0.0.5:2379). Before a copy emits the guest's
+    /// output on its own (a VM starting, a primary going on without its
+    /// backup, a backup taking over) it must move the VM's generation
+    /// counter from the value it knows to the next one (compare-and-swap);
+    /// the loser never emits a frame (a primary that loses stops, exit
+    /// status 5; a backup that loses stands by). While etcd cannot be
+    /// reached, output is held. Use the same value on primary and backup.
+    /// Without a fence, a cut replication link can leave two active copies.
+    #[arg(long, value_name = "etcd=URL,...")]
+    fence: Option<remora_replication::fence::FenceConfig>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -298,8 +320,16 @@ fn engine_config(output: OutputMode) -> remora_speculate::Config {
 
 /// How a VM is protected (`run --protect`, `ctl protect`, and a backup's
 /// resumed guest protected again).
-fn primary_options(epoch_ms: u64, output: OutputMode, heartbeat_timeout_ms: u64) -> PrimaryOptions {
+fn primary_options(
+    epoch_ms: u64,
+    output: OutputMode,
+    heartbeat_timeout_ms: u64,
+    fence: Option<remora_replication::fence::FenceConfig>,
+    generation: Option<u64>,
+) -> PrimaryOptions {
     PrimaryOptions {
+        fence,
+        generation,
         epoch: std::time::Duration::from_millis(epoch_ms),
         output,
         heartbeat_timeout: std::time::Duration::from_millis(heartbeat_timeout_ms),
@@ -397,7 +427,19 @@ fn forward_stop_signals(on_signal: impl Fn(&'static str) -> bool + Send + 'stati
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let opts = primary_options(args.epoch_ms, args.output.into(), args.heartbeat_timeout_ms);
+    let fenced = args.fence.is_some();
+    if let Some(f) = &args.fence {
+        eprintln!("remora: fence: {f}");
+    } else if args.protect.is_some() {
+        warn_no_fence("remora");
+    }
+    let opts = primary_options(
+        args.epoch_ms,
+        args.output.into(),
+        args.heartbeat_timeout_ms,
+        args.fence,
+        None,
+    );
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -410,14 +452,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         disks: args.disk,
         nets: args.net,
         // With --protect the engine is on the path from boot, so every
-        // TCP flow is seen from its SYN and can be speculated.
-        output: args.protect.as_ref().map(|_| opts.engine.clone()),
+        // TCP flow is seen from its SYN and can be speculated. With a
+        // fence it also holds the output until a generation is claimed.
+        output: (args.protect.is_some() || fenced).then(|| opts.engine.clone()),
     };
     let mut vmm = Vmm::new(config)?;
     if let Some(p) = args.control {
         vmm.set_control_socket(p);
     }
-    let protector = Protector::new(&vmm, opts);
+    let protector = Protector::new(&vmm, opts)?;
+    protector.start()?;
     vmm.set_repl_hook(protector.hook());
     if let Some(addr) = &args.protect {
         protector.protect(addr)?;
@@ -426,7 +470,25 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.epoch_ms
         );
     }
-    run_vmm(vmm, move |exit| protector.shutdown(&exit_reason(exit)))
+    let p = protector.clone();
+    let code = run_vmm(vmm, move |exit| p.shutdown(&exit_reason(exit)))?;
+    Ok(fenced_exit(&protector, code))
+}
+
+/// Exit status 5 for a copy that lost the fence.
+fn fenced_exit(protector: &Protector, code: ExitCode) -> ExitCode {
+    if protector.fenced() {
+        ExitCode::from(5)
+    } else {
+        code
+    }
+}
+
+/// Says, once, what running without a fence risks.
+fn warn_no_fence(who: &str) {
+    eprintln!(
+        "{who}: warning: no --fence: if the replication link is cut while both hosts live, both may run the guest (two active copies); use --fence etcd=URL on primary and backup"
+    );
 }
 
 /// Why the VM ended, for the backup (which then does not take over).
@@ -448,7 +510,12 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
         kvm_path: args.kvm,
         engine: engine_config(OutputMode::Speculative),
+        fence: args.fence.clone(),
     };
+    match &args.fence {
+        Some(f) => eprintln!("remora backup: fence: {f}"),
+        None => warn_no_fence("remora backup"),
+    }
     // A backup standing by exits on a stop signal; once it runs the guest,
     // the signal stops the VM as for `remora run`.
     let target: SignalTarget = Default::default();
@@ -462,22 +529,29 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             mut vmm,
             timing,
             output: output_mode,
+            generation,
         } => {
             if let Some(p) = args.control {
                 vmm.set_control_socket(p);
             }
             // The new primary can be protected again (`ctl protect`).
-            let protector = Protector::new(&vmm, primary_options(25, output_mode, args.heartbeat_timeout_ms));
+            let protector = Protector::new(
+                &vmm,
+                primary_options(25, output_mode, args.heartbeat_timeout_ms, args.fence, generation),
+            )?;
             vmm.set_repl_hook(protector.hook());
             let decided = timing.decided_at;
             eprintln!(
-                "remora backup: failover: detect {} ms, restore {} ms, guest running {} ms after the decision (checkpoint {})",
+                "remora backup: failover: detect {} ms (fence {} ms), restore {} ms, guest running {} ms after the decision (checkpoint {})",
                 timing.detect.as_millis(),
+                timing.fence.as_millis(),
                 timing.restore.as_millis(),
                 decided.elapsed().as_millis(),
                 timing.seq
             );
-            run_vmm_with(*vmm, &target, move |exit| protector.shutdown(&exit_reason(exit)))
+            let p = protector.clone();
+            let code = run_vmm_with(*vmm, &target, move |exit| p.shutdown(&exit_reason(exit)))?;
+            Ok(fenced_exit(&protector, code))
         }
     }
 }

@@ -25,6 +25,11 @@
 //! records every frame entering the LAN switch with the port (host) it
 //! came from.
 //!
+//! [`HaLan::new_fenced`] adds a fence network: an `etcd` namespace with a
+//! bridge `fbr0` holding [`ETCD_IPS`], reached from each host's `fence0`
+//! ([`PRIMARY_FENCE_IP`], [`BACKUP_FENCE_IP`]); either host can be cut
+//! from it on its own ([`HaLan::cut_fence`]).
+//!
 //! Everything is removed on drop, also while a failing test unwinds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +45,14 @@ pub const BACKUP_REPL_IP: &str = "192.168.100.2";
 pub const REPL_DEV: &str = "repl0";
 /// The guest's TAP, in both host namespaces.
 pub const HA_TAP: &str = "tap0";
+/// The hosts' interface to the fence network.
+pub const FENCE_DEV: &str = "fence0";
+/// The primary host's address on the fence network.
+pub const PRIMARY_FENCE_IP: &str = "192.168.101.1";
+/// The backup host's address on the fence network.
+pub const BACKUP_FENCE_IP: &str = "192.168.101.2";
+/// Addresses for etcd members in the fence namespace (up to three).
+pub const ETCD_IPS: [&str; 3] = ["192.168.101.10", "192.168.101.11", "192.168.101.12"];
 
 /// Which way of the replication link to cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +81,15 @@ pub struct HaLan {
     pub tap: String,
     /// Cut state: [primary -> backup, backup -> primary].
     cut: [AtomicBool; 2],
+    /// The fence network's namespace (etcd runs here), if any.
+    pub fence: Option<Netns>,
+}
+
+/// A host of the topology (for the fence network's cuts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    Primary,
+    Backup,
 }
 
 /// `ip link add <a> type veth peer name <b> netns <to>` inside `from`.
@@ -87,6 +109,7 @@ impl HaLan {
             backup: Netns::new(&format!("{tag}b"))?,
             tap: HA_TAP.to_string(),
             cut: [AtomicBool::new(false), AtomicBool::new(false)],
+            fence: None,
         };
         for ns in [&ha.client, &ha.lan, &ha.primary, &ha.backup] {
             ns.sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
@@ -116,6 +139,47 @@ impl HaLan {
             host.ip(&["link", "set", "dev", REPL_DEV, "up"])?;
         }
         Ok(ha)
+    }
+
+    /// [`HaLan::new`] plus the fence network (see the module documentation).
+    pub fn new_fenced(tag: &str) -> Result<HaLan> {
+        let mut ha = HaLan::new(tag)?;
+        let f = Netns::new(&format!("{tag}e"))?;
+        f.sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
+        f.sysctl("net/ipv6/conf/default/disable_ipv6", "1")?;
+        f.ip(&["link", "add", "name", "fbr0", "type", "bridge"])?;
+        for (host, port, ip) in [
+            (&ha.primary, "pfence", PRIMARY_FENCE_IP),
+            (&ha.backup, "bfence", BACKUP_FENCE_IP),
+        ] {
+            veth(&f, port, FENCE_DEV, host)?;
+            f.ip(&["link", "set", "dev", port, "master", "fbr0", "up"])?;
+            host.ip(&["addr", "add", &format!("{ip}/24"), "dev", FENCE_DEV])?;
+            host.ip(&["link", "set", "dev", FENCE_DEV, "up"])?;
+        }
+        for ip in ETCD_IPS {
+            f.ip(&["addr", "add", &format!("{ip}/24"), "dev", "fbr0"])?;
+        }
+        f.ip(&["link", "set", "dev", "fbr0", "up"])?;
+        ha.fence = Some(f);
+        Ok(ha)
+    }
+
+    fn host(&self, h: Host) -> &Netns {
+        match h {
+            Host::Primary => &self.primary,
+            Host::Backup => &self.backup,
+        }
+    }
+
+    /// Cuts `host` from the fence network (its packets to etcd dropped).
+    pub fn cut_fence(&self, host: Host) -> Result<()> {
+        self.host(host).cut_egress(FENCE_DEV)
+    }
+
+    /// Undoes [`HaLan::cut_fence`].
+    pub fn heal_fence(&self, host: Host) -> Result<()> {
+        self.host(host).heal_egress(FENCE_DEV)
     }
 
     /// The host namespaces sending in `dir`, with their cut-state index.

@@ -22,12 +22,17 @@
 
 pub mod capture;
 pub mod emu;
+pub mod etcd;
 pub mod ha;
 pub mod proxy;
 pub mod relay;
 
 pub use capture::{CapturedFrame, LanCapture, LanPort, TcpSummary};
-pub use ha::{Direction, HaLan, BACKUP_REPL_IP, HA_TAP, PRIMARY_REPL_IP, REPL_DEV};
+pub use etcd::EtcdCluster;
+pub use ha::{
+    Direction, HaLan, Host, BACKUP_FENCE_IP, BACKUP_REPL_IP, ETCD_IPS, FENCE_DEV, HA_TAP, PRIMARY_FENCE_IP,
+    PRIMARY_REPL_IP, REPL_DEV,
+};
 pub use proxy::CorruptProxy;
 pub use relay::{
     set_tcp_congestion, tcp_congestion, RelayLan, Shaping, INNER_TAP, OUTER_TAP, RELAY_CLIENT_IP, RELAY_SERVER_IP,

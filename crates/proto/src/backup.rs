@@ -107,6 +107,8 @@ pub enum BackupEvent {
     PrimaryLost { why: String },
     /// The guest ended on purpose: do not take over. The session is closed.
     Shutdown { reason: String },
+    /// The fence generation the primary holds (sent once, after Welcome).
+    Generation { value: u64 },
     /// The primary broke the protocol (or the stream desynchronized): close
     /// the connection and do NOT take over (the primary may be alive). A
     /// Refuse naming the reason was sent. The session is closed.
@@ -503,6 +505,7 @@ impl BackupSession {
     fn on_message(&mut self, msg: Message, sum: PayloadSum) {
         match msg {
             Message::Heartbeat { .. } => {}
+            Message::Generation { value } => self.events.push_back(BackupEvent::Generation { value }),
             Message::Refuse { reason } => self.peer_refused(reason),
             Message::Shutdown { reason } => {
                 tracing::info!("the primary shut the guest down: {reason}");
@@ -510,7 +513,7 @@ impl BackupSession {
                 self.phase = Phase::Closed;
             }
             Message::Hello { .. } => self.fail("second Hello".into()),
-            Message::Welcome { .. } | Message::Ack { .. } | Message::Nack { .. } => {
+            Message::Welcome { .. } | Message::Ack { .. } | Message::Nack { .. } | Message::Received { .. } => {
                 self.fail(format!("{:?} is not a message from the primary", msg.kind()))
             }
             Message::PrecopyPages { pages } => {

@@ -65,6 +65,10 @@ pub enum PrimaryEvent {
     /// The backup is silent, its connection closed, or it broke the
     /// protocol. Closed.
     BackupLost { why: String },
+    /// The backup had received `bytes` of this connection when it said so:
+    /// it cannot decide the primary is dead before the heartbeat timeout
+    /// has passed since the primary wrote them (the output lease).
+    Received { bytes: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -542,6 +546,10 @@ impl PrimaryReceiver {
                 tracing::warn!("the backup refused: {reason}");
                 self.events.push_back(PrimaryEvent::Refused { reason });
                 self.phase = RxPhase::Closed;
+            }
+            // The backup's beacon may report before its Welcome is out.
+            (RxPhase::AwaitWelcome | RxPhase::Ready, Message::Received { bytes }) => {
+                self.events.push_back(PrimaryEvent::Received { bytes });
             }
             (RxPhase::AwaitWelcome, Message::Welcome { version }) => {
                 if version == PROTOCOL_VERSION {

@@ -51,6 +51,8 @@ pub enum Kind {
     Nack = 21,
     Heartbeat = 30,
     Shutdown = 31,
+    Received = 32,
+    Generation = 33,
 }
 
 impl Kind {
@@ -73,6 +75,8 @@ impl Kind {
             21 => Kind::Nack,
             30 => Kind::Heartbeat,
             31 => Kind::Shutdown,
+            32 => Kind::Received,
+            33 => Kind::Generation,
             _ => return None,
         })
     }
@@ -489,6 +493,17 @@ pub enum Message {
     Shutdown {
         reason: String,
     },
+    /// backup -> primary: bytes received on this connection so far (the
+    /// backup's liveness clock restarted when they arrived: the primary's
+    /// output lease).
+    Received {
+        bytes: u64,
+    },
+    /// primary -> backup: the fence generation the primary holds (a
+    /// takeover must move it from this value to the next).
+    Generation {
+        value: u64,
+    },
 }
 
 impl Message {
@@ -511,6 +526,8 @@ impl Message {
             Message::Nack { .. } => Kind::Nack,
             Message::Heartbeat { .. } => Kind::Heartbeat,
             Message::Shutdown { .. } => Kind::Shutdown,
+            Message::Received { .. } => Kind::Received,
+            Message::Generation { .. } => Kind::Generation,
         }
     }
 
@@ -561,6 +578,8 @@ impl Message {
             }
             Message::Heartbeat { sent_at_ns } => encode_fixed(out, Kind::Heartbeat, &sent_at_ns.to_le_bytes()),
             Message::Shutdown { reason } => encode_fixed(out, Kind::Shutdown, reason.as_bytes()),
+            Message::Received { bytes } => encode_fixed(out, Kind::Received, &bytes.to_le_bytes()),
+            Message::Generation { value } => encode_fixed(out, Kind::Generation, &value.to_le_bytes()),
         }
     }
 
@@ -656,6 +675,18 @@ impl Message {
             Kind::Shutdown => Message::Shutdown {
                 reason: utf8(kind, payload)?,
             },
+            Kind::Received => {
+                let mut r = Reader::new(kind, &payload);
+                let bytes = r.u64()?;
+                r.end()?;
+                Message::Received { bytes }
+            }
+            Kind::Generation => {
+                let mut r = Reader::new(kind, &payload);
+                let value = r.u64()?;
+                r.end()?;
+                Message::Generation { value }
+            }
         })
     }
 }
@@ -1097,6 +1128,8 @@ mod tests {
             reason: String::new(),
         });
         round_trip(Message::Heartbeat { sent_at_ns: u64::MAX });
+        round_trip(Message::Received { bytes: 1 << 40 });
+        round_trip(Message::Generation { value: 7 });
         round_trip(Message::Shutdown {
             reason: "guest powered off".into(),
         });

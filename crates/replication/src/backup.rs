@@ -48,6 +48,8 @@ pub struct BackupOptions {
     /// Engine settings for the resumed guest (the mode follows the
     /// primary's output mode).
     pub engine: remora_speculate::Config,
+    /// The fence: a takeover must first move the primary's generation on.
+    pub fence: Option<crate::fence::FenceConfig>,
 }
 
 /// Errors of the backup.
@@ -75,6 +77,8 @@ pub enum Outcome {
         vmm: Box<Vmm>,
         timing: FailoverTiming,
         output: OutputMode,
+        /// The fence generation this copy won to take over.
+        generation: Option<u64>,
     },
     /// The primary's guest ended on purpose.
     Shutdown(String),
@@ -85,6 +89,8 @@ pub enum Outcome {
 pub struct FailoverTiming {
     /// From the last byte heard from the primary to the decision.
     pub detect: Duration,
+    /// The fence's compare-and-swap (zero without a fence).
+    pub fence: Duration,
     /// Building the VM from the last checkpoint.
     pub restore: Duration,
     /// The checkpoint resumed.
@@ -140,6 +146,10 @@ struct Standby {
     state: Option<MachineSnapshot>,
     seq: u64,
     disk_ids: Vec<[u8; 20]>,
+    /// The fence generation the primary holds (from its Generation message).
+    generation: Option<u64>,
+    /// The VM's name in the fence's keys.
+    vm_name: String,
 }
 
 /// Runs the backup until it takes over or the primary's guest ends.
@@ -168,10 +178,23 @@ pub fn serve(opts: BackupOptions, console: Box<dyn Write + Send>) -> Result<Outc
         match r {
             Ok(Some((standby, why, last_rx))) => {
                 let output = standby.output;
-                return takeover(&opts, standby, why, last_rx, console).map(|(vmm, timing)| Outcome::Takeover {
-                    vmm: Box::new(vmm),
-                    timing,
-                    output,
+                let t = Instant::now();
+                let generation = match claim_takeover(&opts, &standby)? {
+                    Fenced::Won(g) => g,
+                    Fenced::Lost => {
+                        eprintln!("remora backup: waiting for a primary again on {}", opts.listen);
+                        continue;
+                    }
+                };
+                let fence_time = t.elapsed();
+                return takeover(&opts, standby, why, last_rx, console).map(|(vmm, mut timing)| {
+                    timing.fence = fence_time;
+                    Outcome::Takeover {
+                        vmm: Box::new(vmm),
+                        timing,
+                        output,
+                        generation,
+                    }
                 });
             }
             Ok(None) => {}
@@ -225,6 +248,54 @@ enum Watch {
     Fatal(BackupError),
 }
 
+enum Fenced {
+    /// Take over (holding this generation, with a fence).
+    Won(Option<u64>),
+    /// The primary went on alone: no takeover.
+    Lost,
+}
+
+/// With a fence: moves the primary's generation on before taking over
+/// (the primary, if alive, may be trying the same to go on alone).
+/// Retries while etcd is unreachable: without the fence's word this copy
+/// must not run the guest.
+fn claim_takeover(opts: &BackupOptions, s: &Standby) -> Result<Fenced, BackupError> {
+    let Some(cfg) = &opts.fence else {
+        return Ok(Fenced::Won(None));
+    };
+    let Some(held) = s.generation else {
+        // Refused at the first checkpoint: not reached.
+        return Err(BackupError::Other("no fence generation from the primary".into()));
+    };
+    let fence =
+        crate::fence::Fence::new(cfg.clone(), s.vm_name.clone()).map_err(|e| BackupError::Other(e.to_string()))?;
+    let owner = crate::fence::owner("backup (took over)");
+    let mut reported = None::<Instant>;
+    loop {
+        match fence.claim(held, &owner) {
+            Ok(crate::fence::Claim::Won(g)) => {
+                eprintln!("remora backup: fence: generation {held} -> {g}: this copy takes over");
+                return Ok(Fenced::Won(Some(g)));
+            }
+            Ok(crate::fence::Claim::Lost { generation, owner }) => {
+                eprintln!(
+                    "remora backup: fence: generation moved from {held} to {generation} ({owner}): the primary went on without this backup; no takeover"
+                );
+                return Ok(Fenced::Lost);
+            }
+            Err(e) => {
+                if reported.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    eprintln!(
+                        "remora backup: fence: {e}; cannot take over until etcd answers (the guest stays down, retrying)"
+                    );
+                    reported = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// Serves one primary. `Ok(Some)`: take over; `Ok(None)`: the session
 /// ended without a takeover (wait for another primary).
 #[allow(clippy::type_complexity)]
@@ -255,7 +326,7 @@ fn watch(
             return Ok(None);
         }
     };
-    let _ = link.start_beacon(hb);
+    let _ = link.start_beacon(hb, true);
     let r = watch_link(opts, disks, &mut stream, peer, &link, session, origin);
     link.close();
     r
@@ -263,7 +334,7 @@ fn watch(
 
 #[allow(clippy::type_complexity)]
 fn watch_link(
-    _opts: &BackupOptions,
+    opts: &BackupOptions,
     disks: &mut [File],
     stream: &mut TcpStream,
     peer: SocketAddr,
@@ -280,6 +351,8 @@ fn watch_link(
             Ok(n) => {
                 last_rx = Instant::now();
                 session.handle_input(origin.elapsed(), &buf[..n]);
+                // Counted once the session's liveness clock restarted.
+                link.rx_bytes.fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
                 false
             }
             Err(e) if crate::would_block(&e) => false,
@@ -317,6 +390,10 @@ fn watch_link(
                             _ => None,
                         })
                         .collect();
+                    let first_mac = hello.devices.iter().find_map(|d| match d {
+                        DeviceIdentity::Net { mac } => Some(*mac),
+                        _ => None,
+                    });
                     standby = Some(Standby {
                         mem,
                         output,
@@ -325,6 +402,8 @@ fn watch_link(
                         state: None,
                         seq: 0,
                         disk_ids,
+                        generation: None,
+                        vm_name: crate::fence::vm_name(first_mac),
                     });
                 }
                 BackupEvent::PrecopyPages(pages) => {
@@ -347,11 +426,32 @@ fn watch_link(
                 BackupEvent::PrecopyDone { rounds } => {
                     tracing::info!(rounds, "pre-copy received");
                 }
+                BackupEvent::Generation { value } => {
+                    if opts.fence.is_none() {
+                        let why =
+                            "the primary runs with --fence and this backup does not: start both with the same --fence";
+                        eprintln!("remora backup: refusing {peer}: {why}");
+                        session.refuse(why);
+                        flush(&mut session, link);
+                        return Ok(None);
+                    }
+                    if let Some(s) = standby.as_mut() {
+                        s.generation = Some(value);
+                    }
+                }
                 BackupEvent::Checkpoint(c) => {
                     let Some(s) = standby.as_mut() else {
                         session.refuse("checkpoint before hello");
                         continue;
                     };
+                    if opts.fence.is_some() && s.generation.is_none() {
+                        let why =
+                            "this backup runs with --fence and the primary does not: start both with the same --fence";
+                        eprintln!("remora backup: refusing {peer}: {why}");
+                        session.refuse(why);
+                        flush(&mut session, link);
+                        return Ok(None);
+                    }
                     let seq = c.seq;
                     match apply(s, disks, c) {
                         Ok(()) => {
@@ -550,6 +650,7 @@ fn takeover(
     .map_err(BackupError::Restore)?;
     let timing = FailoverTiming {
         detect,
+        fence: Duration::ZERO,
         restore: t0.elapsed(),
         seq: s.seq,
         decided_at,

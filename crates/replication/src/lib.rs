@@ -15,6 +15,7 @@
 
 pub mod backup;
 mod beacon;
+pub mod fence;
 pub mod primary;
 
 use std::time::Duration;

@@ -32,7 +32,7 @@ use remora_proto::{
 use remora_speculate::EpochId;
 use remora_vmm::checkpoint::{Checkpoint, ReplHook, ReplReply, ReplRequest};
 use remora_vmm::devices::lock;
-use remora_vmm::devices::virtio::commit::OutputCommit;
+use remora_vmm::devices::virtio::commit::{mono_ns, OutputCommit, LEASE_FOREVER};
 use remora_vmm::memory::GuestMemoryMmap;
 use remora_vmm::{VmEvent, Vmm};
 use vm_memory::{Bytes, GuestAddress};
@@ -64,6 +64,12 @@ pub struct PrimaryOptions {
     pub engine: remora_speculate::Config,
     /// How long to wait for the backup's TCP connection and hello.
     pub connect_timeout: Duration,
+    /// The fence (`--fence`); without one a cut replication link can
+    /// leave two active copies.
+    pub fence: Option<crate::fence::FenceConfig>,
+    /// The generation this copy already holds (a backup's resumed guest:
+    /// it won the fence to take over). `None`: claim one at start.
+    pub generation: Option<u64>,
 }
 
 /// Where protection stands (for `ctl status`).
@@ -82,6 +88,9 @@ pub struct Status {
     pub backup_alive: bool,
     pub last_error: Option<String>,
     pub nacks: u64,
+    /// The fence generation held ("-" without a fence, "claiming",
+    /// "fenced" once lost).
+    pub fence: String,
 }
 
 impl Status {
@@ -122,6 +131,14 @@ struct Inner {
     /// The connection's writer, while a protection runs.
     writer: Mutex<Option<Arc<crate::beacon::Link>>>,
     stopping: AtomicBool,
+    fence: Option<crate::fence::Fence>,
+    /// The generation held, once claimed.
+    generation: Mutex<Option<u64>>,
+    /// This copy lost the fence: its output is off for good.
+    fenced: AtomicBool,
+    /// A backup got the generation during this protection (it could take
+    /// over): going on alone needs the fence.
+    exposed: AtomicBool,
 }
 
 /// Protects one VM; cheap to clone.
@@ -137,12 +154,17 @@ pub enum ProtectError {
     Busy(&'static str),
     #[error("bad backup address '{0}': {1}")]
     Address(String, String),
+    #[error("{0}")]
+    Fence(#[from] crate::fence::FenceError),
+    #[error("this copy lost the fence: it may not run the guest's output again")]
+    Fenced,
 }
 
 impl Protector {
     /// Prepares protection of `vmm` (before it runs); nothing starts until
-    /// [`Protector::protect`].
-    pub fn new(vmm: &Vmm, opts: PrimaryOptions) -> Protector {
+    /// [`Protector::protect`]. With a fence and no generation yet, the
+    /// guest's output is held until [`Protector::start`] claims one.
+    pub fn new(vmm: &Vmm, opts: PrimaryOptions) -> Result<Protector, ProtectError> {
         let devs = vmm.repl_devices();
         let mut devices = Vec::new();
         for n in &devs.nets {
@@ -160,23 +182,98 @@ impl Protector {
             vcpus: vmm.vcpu_count() as u32,
             devices,
         };
-        Protector {
+        let first_mac = devs.nets.first().map(|n| n.mac);
+        let fence = match &opts.fence {
+            Some(cfg) => Some(crate::fence::Fence::new(cfg.clone(), crate::fence::vm_name(first_mac))?),
+            None => None,
+        };
+        let commits: Vec<Arc<OutputCommit>> = devs.nets.iter().map(|n| n.commit.clone()).collect();
+        if fence.is_some() && opts.generation.is_none() {
+            for c in &commits {
+                c.set_lease(0);
+            }
+        }
+        let fence_status = match (&fence, opts.generation) {
+            (None, _) => "-".to_string(),
+            (Some(_), Some(g)) => g.to_string(),
+            (Some(_), None) => "claiming".to_string(),
+        };
+        let generation = opts.generation;
+        Ok(Protector {
             inner: Arc::new(Inner {
                 opts,
                 events: vmm.event_sender(),
                 mem: vmm.memory(),
                 identity,
-                commits: devs.nets.iter().map(|n| n.commit.clone()).collect(),
+                commits,
                 disks: devs.disks.iter().map(|d| d.path.clone()).collect(),
                 status: Mutex::new(Status {
                     protected: "no",
+                    fence: fence_status,
                     ..Status::default()
                 }),
                 running: AtomicBool::new(false),
                 writer: Mutex::new(None),
                 stopping: AtomicBool::new(false),
+                fence,
+                generation: Mutex::new(generation),
+                fenced: AtomicBool::new(false),
+                exposed: AtomicBool::new(false),
             }),
+        })
+    }
+
+    /// With a fence and no generation yet: claims the next generation in
+    /// the background (the VM is starting: it becomes the active copy),
+    /// retrying while etcd is unreachable; the guest's output is held
+    /// until then.
+    pub fn start(&self) -> Result<(), ProtectError> {
+        if self.inner.fence.is_none() || lock(&self.inner.generation).is_some() {
+            return Ok(());
         }
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name("fence".into())
+            .spawn(move || {
+                let Some(fence) = &inner.fence else { return };
+                let owner = crate::fence::owner("primary");
+                let mut reported = None::<Instant>;
+                loop {
+                    if inner.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match fence.claim_next(&owner) {
+                        Ok(g) => {
+                            // The gate first: a protection waits for the
+                            // generation and then sets its lease.
+                            open_gate(&inner);
+                            *lock(&inner.generation) = Some(g);
+                            lock(&inner.status).fence = g.to_string();
+                            eprintln!(
+                                "remora: fence: this copy holds generation {g} at {} ({}): output flows",
+                                fence.key(),
+                                fence.config()
+                            );
+                            return;
+                        }
+                        Err(e) => {
+                            lock(&inner.status).fence = format!("claiming ({e})");
+                            if reported.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                                eprintln!("remora: fence: cannot claim a generation: {e}; the guest's output is held, retrying");
+                                reported = Some(Instant::now());
+                            }
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| ProtectError::Address("-".into(), format!("cannot start the fence thread: {e}")))?;
+        Ok(())
+    }
+
+    /// Whether this copy lost the fence (its output is off for good).
+    pub fn fenced(&self) -> bool {
+        self.inner.fenced.load(Ordering::Acquire)
     }
 
     /// The `ctl protect` / `status` handler to install in the VMM.
@@ -191,6 +288,9 @@ impl Protector {
             .map_err(|e| ProtectError::Address(addr.into(), e.to_string()))?
             .next()
             .ok_or_else(|| ProtectError::Address(addr.into(), "no address".into()))?;
+        if self.fenced() {
+            return Err(ProtectError::Fenced);
+        }
         if self.inner.running.swap(true, Ordering::AcqRel) {
             let st = lock(&self.inner.status).protected;
             return Err(ProtectError::Busy(if st == "yes" { "protected" } else { "syncing" }));
@@ -242,7 +342,7 @@ impl Protector {
         let st = lock(&self.inner.status);
         let held: u64 = self.inner.commits.iter().map(|c| c.held()).sum();
         let mut s = format!(
-            "protected={} backup={} epoch={} pause_us={} pause_p99_us={} ckpt_bytes={} lag={} output_held={} backup_alive={} nacks={}",
+            "protected={} backup={} epoch={} pause_us={} pause_p99_us={} ckpt_bytes={} lag={} output_held={} backup_alive={} nacks={} fence={}",
             st.protected,
             if st.backup.is_empty() { "-" } else { &st.backup },
             st.epoch,
@@ -253,6 +353,7 @@ impl Protector {
             held,
             if st.backup_alive { "yes" } else { "no" },
             st.nacks,
+            st.fence.split_whitespace().next().unwrap_or("-"),
         );
         if let Some(e) = &st.last_error {
             s.push_str(&format!(" last_error=\"{}\"", e.replace('"', "'")));
@@ -286,12 +387,91 @@ fn ask(inner: &Inner, req: ReplRequest) -> Result<ReplReply, String> {
     rx.recv().map_err(|_| VM_STOPPED.to_string())?
 }
 
-/// Ends a protection: output flows freely again.
+/// Opens every net device's output gate for good (no backup, or this
+/// copy won the fence).
+fn open_gate(inner: &Inner) {
+    for c in &inner.commits {
+        c.set_lease(LEASE_FOREVER);
+    }
+}
+
+/// This copy lost the fence: output off for good, and the VM stops.
+fn fence_off(inner: &Inner, why: String) {
+    for c in &inner.commits {
+        c.fence_off();
+    }
+    inner.fenced.store(true, Ordering::Release);
+    {
+        let mut st = lock(&inner.status);
+        st.protected = "fenced";
+        st.fence = "fenced".into();
+        st.last_error = Some(why.clone());
+    }
+    eprintln!("remora: FENCED: {why}; this copy emits nothing more and stops");
+    tracing::error!("fenced: {why}");
+    let _ = inner.events.send(VmEvent::Stop(format!("fenced: {why}")));
+}
+
+/// With a fence: moves the generation on before this copy emits output on
+/// its own (the backup may be taking over right now). Retries while etcd
+/// is unreachable, holding the output. Returns false if fenced.
+fn claim_to_go_on(inner: &Inner) -> bool {
+    let Some(fence) = &inner.fence else { return true };
+    let Some(held) = *lock(&inner.generation) else {
+        // Still claiming at start: that claim opens the gate.
+        return true;
+    };
+    let owner = crate::fence::owner("primary (unprotected)");
+    let mut reported = None::<Instant>;
+    loop {
+        if inner.stopping.load(Ordering::Acquire) {
+            return true;
+        }
+        match fence.claim(held, &owner) {
+            Ok(crate::fence::Claim::Won(g)) => {
+                *lock(&inner.generation) = Some(g);
+                lock(&inner.status).fence = g.to_string();
+                eprintln!("remora: fence: generation {held} -> {g}: this copy goes on alone");
+                return true;
+            }
+            Ok(crate::fence::Claim::Lost { generation, owner }) => {
+                fence_off(
+                    inner,
+                    format!(
+                        "the fence moved from generation {held} to {generation} ({owner}): another copy (the backup) took over"
+                    ),
+                );
+                return false;
+            }
+            Err(e) => {
+                lock(&inner.status).fence = format!("{held} (etcd unreachable)");
+                if reported.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    eprintln!(
+                        "remora: fence: {e}; the guest's output stays held until this copy can claim generation {}",
+                        held + 1
+                    );
+                    reported = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Ends a protection: once the fence allows it, output flows freely again.
 fn unprotect(inner: &Inner, why: String) {
     *lock(&inner.writer) = None;
     let stopping = inner.stopping.load(Ordering::Acquire);
+    let exposed = inner.exposed.swap(false, Ordering::AcqRel);
+    if !stopping && exposed && !claim_to_go_on(inner) {
+        lock(&inner.status).backup_alive = false;
+        return;
+    }
     if let Err(e) = ask(inner, ReplRequest::Unprotect) {
         tracing::debug!("unprotect: {e}");
+    }
+    if inner.fence.is_none() || lock(&inner.generation).is_some() {
+        open_gate(inner);
     }
     let mut st = lock(&inner.status);
     st.protected = "no";
@@ -310,6 +490,24 @@ fn unprotect(inner: &Inner, why: String) {
 /// The whole protection; returns why it ended.
 fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
     let opts = &inner.opts;
+    // With a fence, a backup must learn the generation it would take over.
+    let mut waited = false;
+    let generation = loop {
+        if inner.fence.is_none() {
+            break None;
+        }
+        if let Some(g) = *lock(&inner.generation) {
+            break Some(g);
+        }
+        if inner.stopping.load(Ordering::Acquire) {
+            return VM_STOPPED.to_string();
+        }
+        if !waited {
+            eprintln!("remora: protect: waiting for the fence's generation before connecting to {addr}");
+            waited = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let stream = match TcpStream::connect_timeout(&addr, opts.connect_timeout) {
         Ok(s) => s,
         Err(e) => return format!("cannot connect to the backup at {addr}: {e}"),
@@ -362,7 +560,20 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
     }
     eprintln!("remora: protect: connected to backup {addr}");
     let conn = crate::beacon::Link::new(writer);
-    if let Err(e) = conn.start_beacon(hb) {
+    if let Some(value) = generation {
+        inner.exposed.store(true, Ordering::Release);
+        if let Err(e) = conn.send(&remora_proto::Message::Generation { value }) {
+            return format!("cannot send to the backup: {e}");
+        }
+    }
+    // From now on the backup may come to take over: output only under the
+    // lease its receipt reports renew.
+    let lease = lease_ns(opts.heartbeat_timeout);
+    let until = mono_ns().saturating_add(lease);
+    for c in &inner.commits {
+        c.set_lease(until);
+    }
+    if let Err(e) = conn.start_beacon(hb, false) {
         return format!("cannot start the heartbeat thread: {e}");
     }
     *lock(&inner.writer) = Some(conn.clone());
@@ -378,10 +589,10 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
     let link = Arc::new((Mutex::new(Link::default()), Condvar::new()));
     let reader_stop = Arc::new(AtomicBool::new(false));
     let reader_thread = {
-        let (inner, link, stop) = (inner.clone(), link.clone(), reader_stop.clone());
+        let (inner, link, stop, conn) = (inner.clone(), link.clone(), reader_stop.clone(), conn.clone());
         std::thread::Builder::new()
             .name("repl-reader".into())
-            .spawn(move || read_acks(&inner, reader, receiver, &link, &stop, start))
+            .spawn(move || read_acks(&inner, reader, receiver, &link, &conn, &stop, start))
     };
     let reader_thread = match reader_thread {
         Ok(t) => t,
@@ -414,6 +625,15 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
     why
 }
 
+/// How long after writing bytes the backup has since received the primary
+/// may still emit output: the backup cannot decide the primary is dead
+/// before a heartbeat timeout has passed since it received them. A
+/// sixteenth is kept back for clock-rate drift between the hosts.
+fn lease_ns(heartbeat_timeout: Duration) -> u64 {
+    let t = heartbeat_timeout.as_nanos() as u64;
+    t - t / 16
+}
+
 /// The sending side of a protection: the protocol's sender half and the
 /// connection.
 struct Tx {
@@ -444,9 +664,11 @@ fn read_acks(
     mut r: TcpStream,
     mut rx: PrimaryReceiver,
     link: &(Mutex<Link>, Condvar),
+    conn: &crate::beacon::Link,
     stop: &AtomicBool,
     origin: Instant,
 ) {
+    let lease = lease_ns(inner.opts.heartbeat_timeout);
     let hb = crate::heartbeat_interval(inner.opts.heartbeat_timeout);
     let _ = r.set_read_timeout(Some(hb));
     let mut buf = vec![0u8; 64 << 10];
@@ -517,6 +739,13 @@ fn read_acks(
                 PrimaryEvent::Refused { reason } => {
                     fail(format!("the backup refused: {reason}"));
                     return;
+                }
+                PrimaryEvent::Received { bytes } => {
+                    if let Some(t) = conn.lease_base(bytes) {
+                        for c in &inner.commits {
+                            c.extend_lease(t.saturating_add(lease));
+                        }
+                    }
                 }
                 _ => {}
             }

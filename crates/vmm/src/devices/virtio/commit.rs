@@ -31,6 +31,18 @@ use crate::devices::vnet::{self, VnetHdr, HDR_LEN};
 /// No epoch committed yet.
 const NONE: u64 = u64::MAX;
 
+/// The output gate is open for good (no lease).
+pub const LEASE_FOREVER: u64 = u64::MAX;
+
+/// Nanoseconds on the process's monotonic clock (the output lease's time
+/// base; only differences within one process matter).
+pub fn mono_ns() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let o = *ORIGIN.get_or_init(Instant::now);
+    // Never 0: a lease of 0 means "closed".
+    (o.elapsed().as_nanos() as u64).saturating_add(1)
+}
+
 /// What the worker left at a seal.
 pub struct Sealed {
     pub epoch: EpochId,
@@ -55,6 +67,13 @@ pub struct OutputCommit {
     /// An engine to put on the path of a running device (`ctl protect` of
     /// a VM started without output commit).
     install: Mutex<Option<Engine>>,
+    /// The output lease: frames go to the TAP only while [`mono_ns`] is
+    /// below this ([`LEASE_FOREVER`]: always; 0: never). A protected
+    /// primary may emit only while its backup cannot yet have decided it
+    /// is dead; a fenced copy never again.
+    lease_until: AtomicU64,
+    /// Closed for good (this copy lost the fence).
+    fenced: AtomicBool,
     /// Wakes the worker for a commit or a mode change.
     pub wake: EventFd,
 }
@@ -71,6 +90,8 @@ impl OutputCommit {
             flows: AtomicU64::new(0),
             installed: AtomicBool::new(false),
             install: Mutex::new(None),
+            lease_until: AtomicU64::new(LEASE_FOREVER),
+            fenced: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
@@ -135,6 +156,43 @@ impl OutputCommit {
 
     pub fn auto_commit(&self) -> bool {
         self.auto.load(Ordering::Acquire)
+    }
+
+    /// Whether frames may go to the TAP now.
+    pub fn may_emit(&self) -> bool {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until == LEASE_FOREVER || (until != 0 && mono_ns() < until)
+    }
+
+    /// Sets the output lease (absolute [`mono_ns`]; [`LEASE_FOREVER`]
+    /// opens the gate, 0 closes it). Ignored once fenced.
+    pub fn set_lease(&self, until: u64) {
+        if self.fenced.load(Ordering::Acquire) {
+            return;
+        }
+        self.lease_until.store(until, Ordering::Release);
+        let _ = self.wake.write(1);
+    }
+
+    /// Moves the lease forward to `until` (never back, never past an open
+    /// gate); wakes the worker if the gate was closed.
+    pub fn extend_lease(&self, until: u64) {
+        if self.fenced.load(Ordering::Acquire) {
+            return;
+        }
+        let was_open = self.may_emit();
+        let _ = self.lease_until.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            (c != LEASE_FOREVER && c < until).then_some(until)
+        });
+        if !was_open {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// This copy lost the fence: no frame reaches the TAP any more.
+    pub fn fence_off(&self) {
+        self.fenced.store(true, Ordering::Release);
+        self.lease_until.store(0, Ordering::Release);
     }
 
     /// Bytes the engine holds for the peer (as of the worker's last pass).
@@ -356,7 +414,13 @@ impl EnginePort {
     }
 
     /// Writes queued TAP frames until the TAP is full; true if all went.
+    /// Nothing goes while the output lease has run out
+    /// ([`OutputCommit::may_emit`]; the frames wait, and the lease's
+    /// renewal wakes the worker).
     pub fn flush_tap(&mut self, tap: &mut dyn super::net::FrameIo) -> bool {
+        if !self.to_tap.is_empty() && !self.ctl.may_emit() {
+            return false;
+        }
         while let Some(f) = self.to_tap.front() {
             match tap.send(f) {
                 Ok(_) => {
@@ -447,6 +511,26 @@ mod tests {
         assert_eq!(&f[20..22], &[0, 1], "request");
         assert_eq!(&f[28..32], &[10, 0, 0, 2], "sender IP");
         assert_eq!(&f[38..42], &[10, 0, 0, 2], "target IP");
+    }
+
+    #[test]
+    fn the_output_lease_opens_extends_and_fences() {
+        let c = OutputCommit::new().unwrap();
+        assert!(c.may_emit(), "open without protection");
+        c.set_lease(mono_ns() + 50_000_000);
+        assert!(c.may_emit());
+        c.set_lease(mono_ns().saturating_sub(1));
+        assert!(!c.may_emit(), "a lease in the past holds output");
+        let until = mono_ns() + 1_000_000_000;
+        c.extend_lease(until);
+        assert!(c.may_emit());
+        c.extend_lease(until - 500_000_000);
+        assert_eq!(c.lease_until.load(Ordering::Acquire), until, "never moves back");
+        c.fence_off();
+        assert!(!c.may_emit());
+        c.set_lease(LEASE_FOREVER);
+        c.extend_lease(u64::MAX - 1);
+        assert!(!c.may_emit(), "fenced for good");
     }
 
     #[test]

@@ -416,7 +416,13 @@ impl NetWorker {
             if self.port.is_some() {
                 // Timers, commits and the engine's output run on every pass.
                 rx_blocked = self.process_engine(do_rx);
-                if self.port.as_ref().is_some_and(|p| !p.to_tap.is_empty()) {
+                // Frames held by an expired output lease wait for its
+                // renewal (a wake-up), not for TAP writability.
+                if self
+                    .port
+                    .as_ref()
+                    .is_some_and(|p| !p.to_tap.is_empty() && p.ctl.may_emit())
+                {
                     tx_state = TxState::Full;
                 } else if tx_state == TxState::Full {
                     tx_state = TxState::Idle;
