@@ -13,6 +13,11 @@ have unshare || need_pkgs+=(util-linux)
 have setpriv || need_pkgs+=(util-linux)
 have dpkg-deb || need_pkgs+=(dpkg)
 have curl || need_pkgs+=(curl ca-certificates)
+# The fence's etcd client is generated from etcd's protobufs at build time;
+# the fence tests run real etcd servers (and etcdctl to find the leader).
+have protoc || need_pkgs+=(protobuf-compiler)
+have etcd || need_pkgs+=(etcd-server)
+have etcdctl || need_pkgs+=(etcd-client)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "remora: installing ${need_pkgs[*]}" >&2
     apt-get update -qq

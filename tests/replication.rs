@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use remora_netlab::{HaLan, LanPort, BACKUP_REPL_IP, GUEST_IP};
+use remora_netlab::{Direction, EtcdCluster, HaLan, Host, LanPort, BACKUP_REPL_IP, ETCD_IPS, GUEST_IP};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -35,6 +35,9 @@ struct Pair {
     psock: PathBuf,
     bsock: PathBuf,
     port: u16,
+    /// `--fence` for both, with its etcd (dropped after the processes).
+    fence: Option<String>,
+    etcd: Option<EtcdCluster>,
 }
 
 struct Opts<'a> {
@@ -60,6 +63,41 @@ impl Pair {
             primary: None,
             backup: None,
             port: next_port(),
+            fence: None,
+            etcd: None,
+        }
+    }
+
+    /// A pair fenced by a real etcd of `nodes` members on the fence network.
+    fn new_fenced(tag: &str, nodes: usize) -> Pair {
+        require_kvm();
+        assert!(
+            remora_netlab::etcd::available(),
+            "etcd is not installed (scripts/deps.sh installs etcd-server)"
+        );
+        let lan = HaLan::new_fenced(tag).expect("namespaces");
+        let etcd = EtcdCluster::start(lan.fence.as_ref(), &ETCD_IPS[..nodes], 2379).expect("etcd");
+        let dir = std::env::temp_dir().join(format!("remora-repl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Pair {
+            psock: dir.join("primary.sock"),
+            bsock: dir.join("backup.sock"),
+            lan,
+            dir,
+            primary: None,
+            backup: None,
+            port: next_port(),
+            fence: Some(etcd.fence_arg()),
+            etcd: Some(etcd),
+        }
+    }
+
+    /// `--fence ARG`, if this pair is fenced.
+    fn fence_args(&self) -> Vec<String> {
+        match &self.fence {
+            Some(f) => vec!["--fence".into(), f.clone()],
+            None => Vec::new(),
         }
     }
 
@@ -107,6 +145,7 @@ impl Pair {
     /// Starts a backup (waits for it to listen).
     fn start_backup(&mut self, o: &Opts) {
         let mut extra = vec!["--control".to_string(), self.bsock.display().to_string()];
+        extra.extend(self.fence_args());
         if o.disk_mib > 0 {
             let d = self.disk("backup.img", o.disk_mib);
             extra.extend(["--disk".into(), d.display().to_string()]);
@@ -132,6 +171,7 @@ impl Pair {
             "--output".into(),
             o.output.into(),
         ];
+        extra.extend(self.fence_args());
         if o.disk_mib > 0 {
             let d = self.disk("primary.img", o.disk_mib);
             extra.extend(["--disk".into(), d.display().to_string()]);
@@ -169,6 +209,7 @@ impl Drop for Pair {
             r.signal(libc::SIGKILL);
             let _ = r.finish(Duration::from_secs(5));
         }
+        self.etcd.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -845,4 +886,343 @@ fn failover_reprotect_failover_again() {
         second.stderr.contains("failover:") && third.stderr.contains("failover:"),
         "{diag}"
     );
+}
+
+/// Frames with the guest's MAC from each host, in capture order: the
+/// hosts' emission intervals must not overlap (one active copy). Returns
+/// (last from the primary's host, first from the backup's host).
+fn one_active_copy(frames: &[remora_netlab::CapturedFrame]) -> (Option<Instant>, Option<Instant>) {
+    let mac = parse_mac(MAC);
+    let at = |port: LanPort| {
+        frames
+            .iter()
+            .filter(move |f| f.port == port && f.src_mac == mac)
+            .map(|f| f.at)
+    };
+    let (last_p, first_b) = (at(LanPort::Primary).max(), at(LanPort::Backup).min());
+    if let (Some(lp), Some(fb)) = (last_p, first_b) {
+        assert!(
+            lp < fb,
+            "two active copies: the primary's host emitted {:?} after the backup's first frame",
+            lp - fb
+        );
+    }
+    (last_p, first_b)
+}
+
+/// Both streams of a fenced trial, finished on whichever host runs the
+/// guest: exact, no reset.
+fn check_streams(
+    sink: std::thread::JoinHandle<std::io::Result<String>>,
+    source: std::thread::JoinHandle<std::io::Result<(u64, String)>>,
+    console: &str,
+    total: usize,
+    diag: &str,
+) {
+    let want = sink
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("sink stream failed: {e}\n{diag}"));
+    let (n, sha) = source
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("source stream failed (reset?): {e}\n{diag}"));
+    let line = console
+        .lines()
+        .find(|l| l.contains("remora-guest: sink port=5001"))
+        .unwrap_or_else(|| panic!("the sink stream never finished\n{diag}"));
+    assert_eq!(field(line, "bytes="), total.to_string(), "{diag}");
+    assert_eq!(field(line, "sha256="), want, "sink stream corrupted\n{diag}");
+    assert_eq!(n, total as u64, "{diag}");
+    assert_eq!(
+        sha,
+        splitmix_stream_sha(0, total as u64),
+        "source stream corrupted\n{diag}"
+    );
+    assert!(!console.contains("MISMATCH"), "{diag}");
+}
+
+/// A stalled primary (SIGSTOP for ten heartbeat timeouts, then SIGCONT):
+/// the backup wins the fence and takes over; the primary wakes, loses the
+/// fence, emits nothing more and exits with status 5. Without the fence
+/// (and the lease) it would go on unprotected: two active copies.
+#[test]
+fn fenced_stopped_primary_cannot_come_back() {
+    const TOTAL: usize = 96 << 20;
+    let mut pair = Pair::new_fenced("fs", 1);
+    let o = Opts {
+        workloads: "sink:5001,source:5002:96",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    let (ok, st) = ctl(&pair.psock, &["status"]);
+    assert!(
+        ok && field(&st, "fence=") == "1",
+        "the primary holds generation 1: {st}"
+    );
+    let cap = pair.lan.capture_lan().expect("LAN capture");
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
+    let source = source_stream(&pair.lan, 5002, 24);
+    std::thread::sleep(Duration::from_millis(1200));
+    let p = pair.primary.take().unwrap();
+    p.signal(libc::SIGSTOP);
+    let stopped_at = Instant::now();
+    let took = pair.backup().wait_line_where(|_| false, Duration::from_millis(1000));
+    assert!(took.is_none());
+    p.signal(libc::SIGCONT);
+    let dead = p.finish(Duration::from_secs(10));
+    let b = pair.backup();
+    let done = b.wait_line("remora-guest: sink port=5001", Duration::from_secs(90));
+    std::thread::sleep(Duration::from_millis(300));
+    let frames = cap.stop();
+    let backup = pair.backup.take().unwrap();
+    backup.signal(libc::SIGTERM);
+    let run = backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "--- primary stderr:\n{}\n--- backup stderr:\n{}\n--- backup console:\n{}",
+        dead.stderr,
+        run.stderr,
+        run.stdout()
+    );
+    assert!(done.is_some(), "the backup never finished the stream\n{diag}");
+    assert_eq!(
+        dead.status.code(),
+        Some(5),
+        "the stalled primary must exit fenced\n{diag}"
+    );
+    assert!(dead.stderr.contains("FENCED"), "{diag}");
+    assert!(run.stderr.contains("fence: generation 1 -> 2"), "{diag}");
+    check_streams(sink, source, &run.stdout(), TOTAL, &diag);
+    let (last_p, first_b) = one_active_copy(&frames);
+    let (lp, fb) = (last_p.expect("primary frames"), first_b.expect("backup frames"));
+    // The lease: the primary fell silent when it stopped, not when it woke.
+    assert!(
+        lp < stopped_at + Duration::from_millis(150),
+        "the primary emitted {:?} after SIGSTOP\n{diag}",
+        lp.saturating_duration_since(stopped_at)
+    );
+    eprintln!(
+        "stalled primary: last primary frame {:?} after SIGSTOP, first backup frame {:?} after",
+        lp.saturating_duration_since(stopped_at),
+        fb - stopped_at
+    );
+}
+
+/// The replication link cut both ways while both hosts live: the fence
+/// lets exactly one go on (either may win the race); the streams finish
+/// exactly on the winner and the hosts never emit at the same time.
+#[test]
+fn fenced_cut_link_leaves_one_active_copy() {
+    const TOTAL: usize = 96 << 20;
+    let mut pair = Pair::new_fenced("fc", 1);
+    let o = Opts {
+        workloads: "sink:5001,source:5002:96",
+        output: "buffered",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    let cap = pair.lan.capture_lan().expect("LAN capture");
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
+    let source = source_stream(&pair.lan, 5002, 24);
+    std::thread::sleep(Duration::from_millis(1200));
+    pair.lan.cut_replication(Direction::Both).unwrap();
+    // Whoever wins, one of them says so.
+    let t = Instant::now();
+    let mut winner = None;
+    while t.elapsed() < Duration::from_secs(20) && winner.is_none() {
+        // The backup serves its control socket once it runs the guest.
+        if ctl(&pair.bsock, &["status"]).0 {
+            winner = Some(Host::Backup);
+        } else if field(&ctl(&pair.psock, &["status"]).1, "fence=") == "2" {
+            winner = Some(Host::Primary);
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let winner = winner.expect("neither copy won the fence");
+    let (console, diag) = match winner {
+        Host::Backup => {
+            let dead = pair.primary.take().unwrap().finish(Duration::from_secs(10));
+            let b = pair.backup();
+            let done = b.wait_line("remora-guest: sink port=5001", Duration::from_secs(90));
+            let backup = pair.backup.take().unwrap();
+            backup.signal(libc::SIGTERM);
+            let run = backup.finish(Duration::from_secs(10));
+            let diag = format!(
+                "--- primary stderr:\n{}\n--- backup stderr:\n{}",
+                dead.stderr, run.stderr
+            );
+            assert!(done.is_some(), "{diag}");
+            assert_eq!(dead.status.code(), Some(5), "the primary lost the fence\n{diag}");
+            (run.stdout(), diag)
+        }
+        Host::Primary => {
+            let p = pair.primary.as_mut().unwrap();
+            let done = p.wait_line("remora-guest: sink port=5001", Duration::from_secs(90));
+            std::thread::sleep(Duration::from_millis(300));
+            let b = pair.backup.take().unwrap();
+            b.signal(libc::SIGTERM);
+            let brun = b.finish(Duration::from_secs(10));
+            let p = pair.primary.take().unwrap();
+            p.signal(libc::SIGTERM);
+            let run = p.finish(Duration::from_secs(10));
+            let diag = format!(
+                "--- primary stderr:\n{}\n--- backup stderr:\n{}",
+                run.stderr, brun.stderr
+            );
+            assert!(done.is_some(), "{diag}");
+            assert!(brun.stderr.contains("no takeover"), "the backup lost the fence\n{diag}");
+            assert!(!brun.stderr.contains("failover:"), "{diag}");
+            (run.stdout(), diag)
+        }
+    };
+    let frames = cap.stop();
+    check_streams(sink, source, &console, TOTAL, &diag);
+    one_active_copy(&frames);
+    eprintln!("cut link: {winner:?} won the fence");
+}
+
+/// A fenced primary that cannot reach etcd at start holds the guest's
+/// output (the guest cannot be reached) and keeps trying; once etcd
+/// answers, it claims a generation and the guest is reachable.
+#[test]
+fn fenced_primary_holds_output_until_etcd_answers() {
+    let mut pair = Pair::new_fenced("fh", 1);
+    pair.lan.cut_fence(Host::Primary).unwrap();
+    let mut extra = pair.fence_args();
+    extra.extend(["--mem".into(), "128".into()]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut cmd = pair.primary_command("echo:5003", &extra);
+    let mut p = spawn(&mut cmd);
+    p.wait_line("remora-guest: net up", Duration::from_secs(30))
+        .expect("guest up");
+    let probe = |lan: &HaLan| {
+        lan.client
+            .spawn_thread(|| {
+                let addr: std::net::SocketAddr = format!("{GUEST_IP}:5003").parse().unwrap();
+                let mut c = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))?;
+                c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                c.write_all(b"ping")?;
+                let mut b = [0u8; 4];
+                c.read_exact(&mut b)?;
+                Ok(b == *b"ping")
+            })
+            .join()
+            .unwrap()
+    };
+    assert!(
+        probe(&pair.lan).is_err(),
+        "the guest answered before the fence was claimed"
+    );
+    let st = ctl(&pair.psock, &["status"]).1;
+    assert!(st.contains("fence=claiming"), "{st}");
+    pair.lan.heal_fence(Host::Primary).unwrap();
+    wait_status(&pair.psock, "fence=1", Duration::from_secs(10));
+    assert!(
+        matches!(probe(&pair.lan), Ok(true)),
+        "the guest is reachable once the fence is held"
+    );
+    pair.primary = Some(p);
+    let p = pair.primary.take().unwrap();
+    p.signal(libc::SIGTERM);
+    let run = p.finish(Duration::from_secs(10));
+    assert!(run.stderr.contains("cannot claim a generation"), "{}", run.stderr);
+    assert_eq!(run.status.code(), Some(0));
+}
+
+/// A three-member etcd whose leader is killed together with the primary:
+/// the backup's compare-and-swap waits for the new leader, then takes
+/// over; the streams finish exactly.
+#[test]
+fn fenced_failover_survives_the_etcd_leader_dying() {
+    const TOTAL: usize = 96 << 20;
+    let mut pair = Pair::new_fenced("fl", 3);
+    let o = Opts {
+        workloads: "sink:5001,source:5002:96",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    pair.start_primary(&o);
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
+    let source = source_stream(&pair.lan, 5002, 24);
+    std::thread::sleep(Duration::from_millis(1200));
+    let etcd = pair.etcd.as_mut().unwrap();
+    let t = Instant::now();
+    let leader = loop {
+        match etcd.leader() {
+            Some(l) => break l,
+            None if t.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
+            None => panic!("no etcd leader"),
+        }
+    };
+    // The leader first: the backup's compare-and-swap has to wait for the
+    // election (300 ms election timeout).
+    etcd.kill(leader);
+    let dead = pair.kill_primary();
+    let b = pair.backup();
+    let done = b.wait_line("remora-guest: sink port=5001", Duration::from_secs(90));
+    let backup = pair.backup.take().unwrap();
+    backup.signal(libc::SIGTERM);
+    let run = backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "--- primary stderr:\n{}\n--- backup stderr:\n{}",
+        dead.stderr, run.stderr
+    );
+    assert!(done.is_some(), "{diag}");
+    assert!(run.stderr.contains("fence: generation 1 -> 2"), "{diag}");
+    check_streams(sink, source, &run.stdout(), TOTAL, &diag);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("failover: detect"))
+        .unwrap_or("");
+    eprintln!("leader {leader} killed with the primary: {line}");
+    let fence_ms: u64 = line
+        .split("(fence ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        fence_ms >= 100,
+        "the claim did not wait for a new leader: {line}\n{diag}"
+    );
+}
+
+/// Primary and backup must agree on the fence: a mismatch is refused
+/// before the backup holds anything, with a message naming --fence.
+#[test]
+fn fence_mismatch_is_refused() {
+    let mut pair = Pair::new_fenced("fm", 1);
+    let o = Opts {
+        workloads: "sink:5001",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 1,
+    };
+    // Backup fenced, primary not.
+    pair.start_backup(&o);
+    let mut cmd = pair.primary_command("sink:5001", &["--mem", "128", "--protect", &pair.backup_addr()]);
+    let mut p = spawn(&mut cmd);
+    p.wait_line("remora-guest: net up", Duration::from_secs(30))
+        .expect("guest up");
+    let st = wait_status(&pair.psock, "last_error", Duration::from_secs(30));
+    assert!(st.contains("--fence"), "{st}");
+    p.signal(libc::SIGTERM);
+    let run = p.finish(Duration::from_secs(10));
+    assert!(
+        run.stderr.contains("no --fence"),
+        "the unfenced primary warns: {}",
+        run.stderr
+    );
+    let b = pair.backup.take().unwrap();
+    b.signal(libc::SIGTERM);
+    let brun = b.finish(Duration::from_secs(10));
+    assert!(brun.stderr.contains("the primary does not"), "{}", brun.stderr);
 }

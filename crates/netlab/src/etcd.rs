@@ -172,27 +172,23 @@ impl EtcdCluster {
             .etcdctl(&self.endpoints(), &["endpoint", "status", "-w", "fields"])
             .ok()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        // Blocks of `"Key" : value` lines, one per endpoint.
-        let mut endpoint = None::<String>;
-        let mut member = None::<String>;
+        // Blocks of `"Key" : value` lines, one per endpoint, each ending
+        // with its "Endpoint" line.
+        let (mut member, mut leader) = (None::<String>, None::<String>);
         for line in text.lines() {
-            let Some((k, v)) = line.split_once(':') else { continue };
+            let Some((k, v)) = line.split_once(" : ") else { continue };
             let (k, v) = (k.trim().trim_matches('"'), v.trim().trim_matches('"').to_string());
             match k {
-                "Endpoint" => {
-                    // "Endpoint" : "http://ip:port" (split at the first ':')
-                    endpoint = Some(
-                        line.split_once(": ")
-                            .map(|x| x.1.trim().trim_matches('"').to_string())?,
-                    );
-                }
                 "MemberID" => member = Some(v),
-                "Leader" if member.as_deref() == Some(v.as_str()) => {
-                    let ep = endpoint.clone()?;
-                    return self
-                        .nodes
-                        .iter()
-                        .position(|n| ep.ends_with(&format!("{}:{}", n.ip, n.client_port)));
+                "Leader" => leader = Some(v),
+                "Endpoint" => {
+                    if member.is_some() && member == leader {
+                        return self
+                            .nodes
+                            .iter()
+                            .position(|n| v.ends_with(&format!("{}:{}", n.ip, n.client_port)));
+                    }
+                    member = None;
                 }
                 _ => {}
             }

@@ -600,6 +600,21 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
     };
     let why = match sync_and_run(inner, &mut tx, &link) {
         Ok(()) => "stopped".to_string(),
+        Err(e) if e.starts_with("sending to the backup") => {
+            // A backup that refuses (e.g. a --fence mismatch) closes the
+            // connection: its Refuse, read by the reader, says why better
+            // than the broken pipe.
+            let t = Instant::now();
+            loop {
+                if let Some(f) = lock(&link.0).failed.clone() {
+                    break f;
+                }
+                if t.elapsed() > Duration::from_millis(300) {
+                    break e;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         Err(e) => e,
     };
     reader_stop.store(true, Ordering::Release);

@@ -414,14 +414,18 @@ impl EnginePort {
     }
 
     /// Writes queued TAP frames until the TAP is full; true if all went.
-    /// Nothing goes while the output lease has run out
+    /// Nothing goes once the output lease has run out
     /// ([`OutputCommit::may_emit`]; the frames wait, and the lease's
     /// renewal wakes the worker).
     pub fn flush_tap(&mut self, tap: &mut dyn super::net::FrameIo) -> bool {
-        if !self.to_tap.is_empty() && !self.ctl.may_emit() {
-            return false;
-        }
         while let Some(f) = self.to_tap.front() {
+            // Checked per frame: a process stopped (SIGSTOP, a host stall)
+            // in the middle of a batch must not send the rest when it
+            // wakes after its lease ran out. What remains is the window
+            // between this check and the write's system call.
+            if !self.ctl.may_emit() {
+                return false;
+            }
             match tap.send(f) {
                 Ok(_) => {
                     self.to_tap.pop_front();
