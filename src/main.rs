@@ -74,6 +74,97 @@ enum Command {
     /// (flows seen from their SYN; everything else is buffered). outer->inner
     /// is always immediate. Stops on SIGINT/SIGTERM with a summary (exit 0).
     Relay(RelayArgs),
+    /// Make the certificates for mutual TLS on the replication link: a CA
+    /// (`init`), then one certificate per node (`issue`): role `backup`
+    /// for hosts that run `remora backup` (it must name the address the
+    /// primaries dial, --san), role `primary` for hosts that run `remora
+    /// run --protect`. Keys never leave DIR and are never overwritten.
+    Certs(CertsArgs),
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    #[command(subcommand)]
+    action: CertsAction,
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create DIR/ca.pem and DIR/ca.key (mode 0600).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "remora replication CA")]
+        name: String,
+    },
+    /// Create DIR/NAME.pem and DIR/NAME.key, signed by DIR's CA.
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node's name (also the files' names).
+        name: String,
+        /// What the node runs: `backup` (TLS server) or `primary` (TLS client).
+        #[arg(long, value_enum)]
+        role: CertRole,
+        /// Addresses or DNS names in the certificate (a backup's must
+        /// include the address primaries dial, e.g. 192.168.100.2).
+        #[arg(long, value_name = "IP|DNS")]
+        san: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CertRole {
+    Primary,
+    Backup,
+}
+
+/// How the replication link is secured (`run` and `backup`).
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// This node's certificate (PEM; `remora certs issue`): mutual TLS on
+    /// the replication link, with --tls-key and --tls-ca.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"], conflicts_with = "insecure")]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA that issued the peer's certificate (PEM): a peer without a
+    /// certificate from it, or with the other role's, is refused before
+    /// any guest state moves.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Replicate over plain TCP (unauthenticated, unencrypted: anyone who
+    /// can reach the link can read the guest's memory or feed a backup).
+    /// Without TLS and without this flag remora says so at start.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    /// The loaded TLS settings (None: plain TCP, with a warning unless
+    /// --insecure).
+    fn load(&self, who: &str, replicating: bool) -> anyhow::Result<Option<remora_replication::tls::Tls>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = remora_replication::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                };
+                Ok(Some(remora_replication::tls::Tls::load(&files)?))
+            }
+            _ => {
+                if replicating && !self.insecure {
+                    eprintln!(
+                        "{who}: warning: the replication link is plain TCP (no --tls-cert/--tls-key/--tls-ca): unauthenticated and unencrypted; pass --insecure to say that is intended"
+                    );
+                }
+                Ok(None)
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -116,6 +207,8 @@ struct BackupArgs {
     /// Without a fence, a cut replication link can leave two active copies.
     #[arg(long, value_name = "etcd=URL,...")]
     fence: Option<remora_replication::fence::FenceConfig>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -291,6 +384,8 @@ struct RunArgs {
     /// Without a fence, a cut replication link can leave two active copies.
     #[arg(long, value_name = "etcd=URL,...")]
     fence: Option<remora_replication::fence::FenceConfig>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -326,8 +421,10 @@ fn primary_options(
     heartbeat_timeout_ms: u64,
     fence: Option<remora_replication::fence::FenceConfig>,
     generation: Option<u64>,
+    tls: Option<remora_replication::tls::Tls>,
 ) -> PrimaryOptions {
     PrimaryOptions {
+        tls,
         fence,
         generation,
         epoch: std::time::Duration::from_millis(epoch_ms),
@@ -364,6 +461,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl(args),
         Command::Backup(args) => backup(args),
         Command::Relay(args) => relay(args),
+        Command::Certs(args) => certs(args),
     };
     match result {
         Ok(code) => code,
@@ -433,12 +531,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else if args.protect.is_some() {
         warn_no_fence("remora");
     }
+    let tls = args.tls.load("remora", args.protect.is_some())?;
     let opts = primary_options(
         args.epoch_ms,
         args.output.into(),
         args.heartbeat_timeout_ms,
         args.fence,
         None,
+        tls,
     );
     let config = VmConfig {
         kernel: args.kernel,
@@ -503,7 +603,9 @@ fn exit_reason(exit: &VmExit) -> String {
 
 fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     use remora_replication::backup::{serve, BackupOptions, Outcome};
+    let tls = args.tls.load("remora backup", true)?;
     let opts = BackupOptions {
+        tls: tls.clone(),
         listen: args.listen,
         nets: args.net,
         disks: args.disk,
@@ -537,7 +639,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             // The new primary can be protected again (`ctl protect`).
             let protector = Protector::new(
                 &vmm,
-                primary_options(25, output_mode, args.heartbeat_timeout_ms, args.fence, generation),
+                primary_options(25, output_mode, args.heartbeat_timeout_ms, args.fence, generation, tls),
             )?;
             vmm.set_repl_hook(protector.hook());
             let decided = timing.decided_at;
@@ -554,6 +656,35 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             Ok(fenced_exit(&protector, code))
         }
     }
+}
+
+fn certs(args: CertsArgs) -> anyhow::Result<ExitCode> {
+    use remora_replication::tls;
+    match args.action {
+        CertsAction::Init { dir, name } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let (c, k) = tls::make_ca(&dir, &name)?;
+            println!("CA certificate {} and key {}", c.display(), k.display());
+        }
+        CertsAction::Issue { dir, name, role, san } => {
+            if name.is_empty() || name.contains('/') || name.starts_with('.') || name == "ca" {
+                anyhow::bail!("bad certificate name '{name}': a plain file name other than 'ca'");
+            }
+            let role = match role {
+                CertRole::Primary => tls::Role::Primary,
+                CertRole::Backup => tls::Role::Backup,
+            };
+            let sans = if san.is_empty() { vec![name.clone()] } else { san };
+            let (c, k) = tls::issue(&dir, &name, role, &sans)?;
+            println!(
+                "{name}: certificate {} and key {} ({})",
+                c.display(),
+                k.display(),
+                sans.join(", ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {

@@ -38,6 +38,9 @@ struct Pair {
     /// `--fence` for both, with its etcd (dropped after the processes).
     fence: Option<String>,
     etcd: Option<EtcdCluster>,
+    /// More options for `start_primary` / `start_backup`.
+    primary_extra: Vec<String>,
+    backup_extra: Vec<String>,
 }
 
 struct Opts<'a> {
@@ -65,6 +68,8 @@ impl Pair {
             port: next_port(),
             fence: None,
             etcd: None,
+            primary_extra: Vec::new(),
+            backup_extra: Vec::new(),
         }
     }
 
@@ -90,6 +95,8 @@ impl Pair {
             port: next_port(),
             fence: Some(etcd.fence_arg()),
             etcd: Some(etcd),
+            primary_extra: Vec::new(),
+            backup_extra: Vec::new(),
         }
     }
 
@@ -146,6 +153,7 @@ impl Pair {
     fn start_backup(&mut self, o: &Opts) {
         let mut extra = vec!["--control".to_string(), self.bsock.display().to_string()];
         extra.extend(self.fence_args());
+        extra.extend(self.backup_extra.iter().cloned());
         if o.disk_mib > 0 {
             let d = self.disk("backup.img", o.disk_mib);
             extra.extend(["--disk".into(), d.display().to_string()]);
@@ -172,6 +180,7 @@ impl Pair {
             o.output.into(),
         ];
         extra.extend(self.fence_args());
+        extra.extend(self.primary_extra.iter().cloned());
         if o.disk_mib > 0 {
             let d = self.disk("primary.img", o.disk_mib);
             extra.extend(["--disk".into(), d.display().to_string()]);
@@ -1225,4 +1234,117 @@ fn fence_mismatch_is_refused() {
     b.signal(libc::SIGTERM);
     let brun = b.finish(Duration::from_secs(10));
     assert!(brun.stderr.contains("the primary does not"), "{}", brun.stderr);
+}
+
+/// `--tls-cert DIR/NAME.pem --tls-key DIR/NAME.key --tls-ca CA`.
+fn tls_args(dir: &Path, name: &str, ca: &Path) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        dir.join(format!("{name}.pem")).display().to_string(),
+        "--tls-key".into(),
+        dir.join(format!("{name}.key")).display().to_string(),
+        "--tls-ca".into(),
+        ca.display().to_string(),
+    ]
+}
+
+/// Mutual TLS on the replication link with certificates from `remora
+/// certs`: replication and failover work over it; a primary with a
+/// certificate from another CA, with a backup's certificate (wrong role),
+/// or without TLS is refused before it sends any guest state.
+#[test]
+fn mutual_tls_replication_refuses_strangers() {
+    const TOTAL: usize = 64 << 20;
+    let mut pair = Pair::new("tl");
+    let certs = pair.dir.join("certs");
+    let other = pair.dir.join("other");
+    let ok = |args: &[&str]| {
+        let r = run_remora(args, Duration::from_secs(20));
+        assert!(r.status.success(), "{args:?}: {}", r.stderr);
+    };
+    let (c, o) = (certs.to_str().unwrap(), other.to_str().unwrap());
+    ok(&["certs", "init", "--dir", c]);
+    ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        c,
+        "backup1",
+        "--role",
+        "backup",
+        "--san",
+        BACKUP_REPL_IP,
+    ]);
+    ok(&["certs", "issue", "--dir", c, "primary1", "--role", "primary"]);
+    ok(&["certs", "init", "--dir", o]);
+    ok(&["certs", "issue", "--dir", o, "primary1", "--role", "primary"]);
+    let again = run_remora(
+        &["certs", "issue", "--dir", c, "primary1", "--role", "primary"],
+        Duration::from_secs(20),
+    );
+    assert!(
+        !again.status.success() && again.stderr.contains("already exists"),
+        "{}",
+        again.stderr
+    );
+    let ca = certs.join("ca.pem");
+    pair.backup_extra = tls_args(&certs, "backup1", &ca);
+    let o = Opts {
+        workloads: "sink:5001,source:5002:64",
+        output: "speculative",
+        disk_mib: 0,
+        vcpus: 2,
+    };
+    pair.start_backup(&o);
+    // Refused: another CA's certificate, the backup's own certificate used
+    // by a primary, and plain TCP.
+    for (what, extra) in [
+        ("another CA", tls_args(&other, "primary1", &ca)),
+        ("wrong role", tls_args(&certs, "backup1", &ca)),
+        ("no TLS", vec!["--insecure".to_string()]),
+    ] {
+        let mut args = vec![
+            "--mem".to_string(),
+            "128".into(),
+            "--protect".into(),
+            pair.backup_addr(),
+        ];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = pair.primary_command("sink:5001", &args);
+        let mut p = spawn(&mut cmd);
+        p.wait_line("remora-guest: net up", Duration::from_secs(30))
+            .expect("guest up");
+        let st = wait_status(&pair.psock, "last_error", Duration::from_secs(30));
+        assert!(st.contains("protected=no"), "{what}: {st}");
+        p.signal(libc::SIGKILL);
+        let _ = p.finish(Duration::from_secs(5));
+        let _ = std::fs::remove_file(&pair.psock);
+    }
+    // The backup refused them all and still stands by: the right primary
+    // is protected, and a failover over TLS is exact.
+    pair.primary_extra = tls_args(&certs, "primary1", &ca);
+    pair.start_primary(&o);
+    let sink = sink_stream(&pair.lan, 5001, TOTAL, 24);
+    let source = source_stream(&pair.lan, 5002, 24);
+    std::thread::sleep(Duration::from_millis(1000));
+    let dead = pair.kill_primary();
+    let done = pair
+        .backup()
+        .wait_line("remora-guest: sink port=5001", Duration::from_secs(90));
+    let backup = pair.backup.take().unwrap();
+    backup.signal(libc::SIGTERM);
+    let run = backup.finish(Duration::from_secs(10));
+    let diag = format!(
+        "--- primary stderr:\n{}\n--- backup stderr:\n{}",
+        dead.stderr, run.stderr
+    );
+    assert!(done.is_some(), "{diag}");
+    assert_eq!(run.stderr.matches("remora backup: refused").count(), 3, "{diag}");
+    assert!(run.stderr.contains("failover:"), "{diag}");
+    assert!(
+        !dead.stderr.contains("plain TCP"),
+        "TLS in use: no plaintext warning\n{diag}"
+    );
+    check_streams(sink, source, &run.stdout(), TOTAL, &diag);
 }

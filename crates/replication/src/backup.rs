@@ -50,6 +50,8 @@ pub struct BackupOptions {
     pub engine: remora_speculate::Config,
     /// The fence: a takeover must first move the primary's generation on.
     pub fence: Option<crate::fence::FenceConfig>,
+    /// Mutual TLS on the replication link (`None`: plain TCP).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// Errors of the backup.
@@ -303,11 +305,25 @@ fn watch(
     opts: &BackupOptions,
     devices: &[DeviceIdentity],
     disks: &mut [File],
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<Option<(Standby, String, Instant)>, Watch> {
     let _ = stream.set_nodelay(true);
     let hb = crate::heartbeat_interval(opts.heartbeat_timeout);
+    // Nothing of the protocol before the peer proved who it is.
+    let transport = match &opts.tls {
+        Some(tls) => {
+            crate::tls::accept(stream, tls, &peer.to_string(), Duration::from_secs(5)).map_err(|e| e.to_string())
+        }
+        None => crate::tls::plain(stream).map_err(|e| e.to_string()),
+    };
+    let (mut stream, writer) = match transport {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("remora backup: refused {peer}: {e}");
+            return Ok(None);
+        }
+    };
     let _ = stream.set_read_timeout(Some(hb.min(Duration::from_millis(10))));
     let origin = Instant::now();
     let session = BackupSession::new(BackupConfig {
@@ -319,13 +335,7 @@ fn watch(
         heartbeat_interval: hb,
         heartbeat_timeout: opts.heartbeat_timeout,
     });
-    let link = match stream.try_clone() {
-        Ok(w) => crate::beacon::Link::new(w),
-        Err(e) => {
-            tracing::warn!("replication link from {peer}: {e}");
-            return Ok(None);
-        }
-    };
+    let link = crate::beacon::Link::new(writer);
     let _ = link.start_beacon(hb, true);
     let r = watch_link(opts, disks, &mut stream, peer, &link, session, origin);
     link.close();
@@ -336,7 +346,7 @@ fn watch(
 fn watch_link(
     opts: &BackupOptions,
     disks: &mut [File],
-    stream: &mut TcpStream,
+    stream: &mut crate::tls::SecureRead,
     peer: SocketAddr,
     link: &crate::beacon::Link,
     mut session: BackupSession,

@@ -17,7 +17,6 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,7 +35,7 @@ pub struct Link {
 
 /// The stream and its write log.
 struct Writer {
-    s: TcpStream,
+    s: crate::tls::SecureWrite,
     /// Bytes written so far.
     sent: u64,
     /// (offset of the write's first byte, `mono_ns` when it began), oldest
@@ -66,7 +65,7 @@ impl Writer {
 }
 
 impl Link {
-    pub fn new(w: TcpStream) -> Arc<Link> {
+    pub fn new(w: crate::tls::SecureWrite) -> Arc<Link> {
         Arc::new(Link {
             w: Mutex::new(Writer {
                 s: w,
@@ -124,7 +123,7 @@ impl Link {
     pub fn close(&self) {
         self.stop.store(true, Ordering::Release);
         let w = self.w.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = w.s.shutdown(std::net::Shutdown::Both);
+        w.s.shutdown();
     }
 
     /// Starts the beacon: a Heartbeat whenever nothing was written for

@@ -17,6 +17,7 @@ pub mod backup;
 mod beacon;
 pub mod fence;
 pub mod primary;
+pub mod tls;
 
 use std::time::Duration;
 

@@ -70,6 +70,8 @@ pub struct PrimaryOptions {
     /// The generation this copy already holds (a backup's resumed guest:
     /// it won the fence to take over). `None`: claim one at start.
     pub generation: Option<u64>,
+    /// Mutual TLS on the replication link (`None`: plain TCP).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// Where protection stands (for `ctl status`).
@@ -525,14 +527,18 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
         Ok(s) => s,
         Err(e) => return format!("cannot encode the hello: {e}"),
     };
-    let (writer, mut reader) = match stream.try_clone() {
-        Ok(r) => (stream, r),
-        Err(e) => return format!("socket: {e}"),
+    let transport = match &opts.tls {
+        Some(tls) => crate::tls::connect(stream, tls, addr.ip(), opts.connect_timeout).map_err(|e| e.to_string()),
+        None => crate::tls::plain(stream).map_err(|e| format!("socket: {e}")),
+    };
+    let (mut reader, mut writer) = match transport {
+        Ok(t) => t,
+        Err(e) => return e,
     };
     // Hello, and the backup's answer.
     let start = Instant::now();
     while let Some(b) = session.poll_output() {
-        if let Err(e) = (&writer).write_all(&b) {
+        if let Err(e) = writer.write_all(&b) {
             return format!("cannot send to the backup: {e}");
         }
     }
@@ -676,7 +682,7 @@ impl Tx {
 /// resend; silence or a closed connection fails the link.
 fn read_acks(
     inner: &Inner,
-    mut r: TcpStream,
+    mut r: crate::tls::SecureRead,
     mut rx: PrimaryReceiver,
     link: &(Mutex<Link>, Condvar),
     conn: &crate::beacon::Link,
