@@ -396,15 +396,11 @@ mod tests {
         }
     }
 
+    type Ends = Result<(SecureRead, SecureWrite), TlsError>;
+
     /// A backup (server) and a primary (client) on loopback: returns the
     /// primary's and the backup's results.
-    fn pair(
-        client: &Tls,
-        server: &Tls,
-    ) -> (
-        Result<(SecureRead, SecureWrite), TlsError>,
-        Result<(SecureRead, SecureWrite), TlsError>,
-    ) {
+    fn pair(client: &Tls, server: &Tls) -> (Ends, Ends) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let server = server.clone();
