@@ -3,9 +3,11 @@
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use remora_replication::metrics::{Metrics, Role};
 use remora_replication::primary::{PrimaryOptions, Protector};
 use remora_replication::OutputMode;
 use remora_vmm::{VmConfig, VmEvent, VmExit, Vmm};
@@ -116,6 +118,13 @@ struct BackupArgs {
     /// Without a fence, a cut replication link can leave two active copies.
     #[arg(long, value_name = "etcd=URL,...")]
     fence: Option<remora_replication::fence::FenceConfig>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (text format), e.g.
+    /// 127.0.0.1:9100: while standing by, checkpoints applied, bytes
+    /// received, whether a primary is connected; failovers; once the guest
+    /// runs here, its protection figures as for `remora run --metrics`.
+    /// Names start with `remora_`; any other path gets 404.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -291,6 +300,14 @@ struct RunArgs {
     /// Without a fence, a cut replication link can leave two active copies.
     #[arg(long, value_name = "etcd=URL,...")]
     fence: Option<remora_replication::fence::FenceConfig>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (text format), e.g.
+    /// 127.0.0.1:9100: checkpoints acknowledged (epoch), a histogram of
+    /// checkpoint pauses and of checkpoint sizes, replication lag, output
+    /// held, speculated flows, protection state, backup alive, refused
+    /// checkpoints (nacks), fence generation. Names start with `remora_`;
+    /// any other path gets 404.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm: PathBuf,
@@ -326,10 +343,12 @@ fn primary_options(
     heartbeat_timeout_ms: u64,
     fence: Option<remora_replication::fence::FenceConfig>,
     generation: Option<u64>,
+    metrics: Option<Arc<Metrics>>,
 ) -> PrimaryOptions {
     PrimaryOptions {
         fence,
         generation,
+        metrics,
         epoch: std::time::Duration::from_millis(epoch_ms),
         output,
         heartbeat_timeout: std::time::Duration::from_millis(heartbeat_timeout_ms),
@@ -426,7 +445,18 @@ fn forward_stop_signals(on_signal: impl Fn(&'static str) -> bool + Send + 'stati
     Ok(())
 }
 
+/// `--metrics ADDR`: the figures, served from now on (a port in use is
+/// an error before anything starts).
+fn serve_metrics(addr: Option<std::net::SocketAddr>, role: Role, who: &str) -> anyhow::Result<Option<Arc<Metrics>>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let m = Arc::new(Metrics::new(role));
+    let local = remora_replication::metrics::serve(addr, m.clone())?;
+    eprintln!("{who}: metrics at http://{local}/metrics");
+    Ok(Some(m))
+}
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let metrics = serve_metrics(args.metrics, Role::Primary, "remora")?;
     let fenced = args.fence.is_some();
     if let Some(f) = &args.fence {
         eprintln!("remora: fence: {f}");
@@ -439,6 +469,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.heartbeat_timeout_ms,
         args.fence,
         None,
+        metrics,
     );
     let config = VmConfig {
         kernel: args.kernel,
@@ -503,6 +534,7 @@ fn exit_reason(exit: &VmExit) -> String {
 
 fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     use remora_replication::backup::{serve, BackupOptions, Outcome};
+    let metrics = serve_metrics(args.metrics, Role::Backup, "remora backup")?;
     let opts = BackupOptions {
         listen: args.listen,
         nets: args.net,
@@ -511,6 +543,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         kvm_path: args.kvm,
         engine: engine_config(OutputMode::Speculative),
         fence: args.fence.clone(),
+        metrics: metrics.clone(),
     };
     match &args.fence {
         Some(f) => eprintln!("remora backup: fence: {f}"),
@@ -537,7 +570,14 @@ fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
             // The new primary can be protected again (`ctl protect`).
             let protector = Protector::new(
                 &vmm,
-                primary_options(25, output_mode, args.heartbeat_timeout_ms, args.fence, generation),
+                primary_options(
+                    25,
+                    output_mode,
+                    args.heartbeat_timeout_ms,
+                    args.fence,
+                    generation,
+                    metrics,
+                ),
             )?;
             vmm.set_repl_hook(protector.hook());
             let decided = timing.decided_at;
@@ -714,7 +754,6 @@ fn run_vmm_with(vmm: Vmm, target: &SignalTarget, on_exit: impl FnOnce(&VmExit)) 
 
 fn relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use std::time::Duration;
     let (mode, mode_name) = match args.mode {
         RelayMode::Direct => (remora_speculate::Mode::Direct, "direct"),
