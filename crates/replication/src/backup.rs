@@ -52,6 +52,8 @@ pub struct BackupOptions {
     pub fence: Option<crate::fence::FenceConfig>,
     /// Mutual TLS on the replication link (`None`: plain TCP).
     pub tls: Option<crate::tls::Tls>,
+    /// Where to record the standby's figures (`--metrics`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Errors of the backup.
@@ -177,6 +179,9 @@ pub fn serve(opts: BackupOptions, console: Box<dyn Write + Send>) -> Result<Outc
         *lock(&busy) = Some(peer.to_string());
         let r = watch(&opts, &devices, &mut disks, stream, peer);
         *lock(&busy) = None;
+        if let Some(m) = &opts.metrics {
+            m.primary_connected(false);
+        }
         match r {
             Ok(Some((standby, why, last_rx))) => {
                 let output = standby.output;
@@ -191,6 +196,9 @@ pub fn serve(opts: BackupOptions, console: Box<dyn Write + Send>) -> Result<Outc
                 let fence_time = t.elapsed();
                 return takeover(&opts, standby, why, last_rx, console).map(|(vmm, mut timing)| {
                     timing.fence = fence_time;
+                    if let Some(m) = &opts.metrics {
+                        m.failover();
+                    }
                     Outcome::Takeover {
                         vmm: Box::new(vmm),
                         timing,
@@ -363,6 +371,9 @@ fn watch_link(
                 session.handle_input(origin.elapsed(), &buf[..n]);
                 // Counted once the session's liveness clock restarted.
                 link.rx_bytes.fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
+                if let Some(m) = &opts.metrics {
+                    m.received(n as u64);
+                }
                 false
             }
             Err(e) if crate::would_block(&e) => false,
@@ -385,6 +396,9 @@ fn watch_link(
                         hello.vcpus,
                         hello.devices.len()
                     );
+                    if let Some(m) = &opts.metrics {
+                        m.primary_connected(true);
+                    }
                     let mem = remora_vmm::memory::create_guest_memory(hello.mem_mib)
                         .map_err(|e| Watch::Fatal(BackupError::Other(e.to_string())))?;
                     let nets = hello
@@ -469,6 +483,9 @@ fn watch_link(
                                 eprintln!("remora backup: first checkpoint applied: the VM is protected");
                             }
                             s.seq = seq;
+                            if let Some(m) = &opts.metrics {
+                                m.applied();
+                            }
                             if let Err(e) = session.ack(seq) {
                                 tracing::warn!("ack {seq}: {e}");
                             }

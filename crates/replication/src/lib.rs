@@ -10,12 +10,15 @@
 //!   mapping it will run from, applies each complete, verified checkpoint
 //!   (pages, state, disk writes, engine deltas) all or nothing, acknowledges
 //!   it, and on the primary's death resumes the guest from the last one.
+//! * [`metrics`]: the Prometheus figures of both (`--metrics ADDR`) and
+//!   the small HTTP server that exposes them.
 //!
 //! The wire protocol is the sans-IO `remora-proto` crate.
 
 pub mod backup;
 mod beacon;
 pub mod fence;
+pub mod metrics;
 pub mod primary;
 pub mod tls;
 

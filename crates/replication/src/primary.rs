@@ -72,6 +72,8 @@ pub struct PrimaryOptions {
     pub generation: Option<u64>,
     /// Mutual TLS on the replication link (`None`: plain TCP).
     pub tls: Option<crate::tls::Tls>,
+    /// Where to record the protection's figures (`--metrics`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Where protection stands (for `ctl status`).
@@ -201,7 +203,7 @@ impl Protector {
             (Some(_), None) => "claiming".to_string(),
         };
         let generation = opts.generation;
-        Ok(Protector {
+        let protector = Protector {
             inner: Arc::new(Inner {
                 opts,
                 events: vmm.event_sender(),
@@ -222,7 +224,36 @@ impl Protector {
                 fenced: AtomicBool::new(false),
                 exposed: AtomicBool::new(false),
             }),
-        })
+        };
+        if let Some(m) = &protector.inner.opts.metrics {
+            // Read at scrape time; a weak reference, so the registry does
+            // not keep a finished VM's memory alive.
+            let weak = Arc::downgrade(&protector.inner);
+            m.set_source(move |m| {
+                if let Some(inner) = weak.upgrade() {
+                    Protector { inner }.record(m);
+                }
+            });
+        }
+        Ok(protector)
+    }
+
+    /// Sets the protection's figures in `m` (at scrape time).
+    fn record(&self, m: &crate::metrics::Metrics) {
+        let held: u64 = self.inner.commits.iter().map(|c| c.held()).sum();
+        let flows: u64 = self.inner.commits.iter().map(|c| c.flows()).sum();
+        let generation = *lock(&self.inner.generation);
+        let st = lock(&self.inner.status);
+        m.set_protection(&crate::metrics::Protection {
+            state: st.protected,
+            epoch: st.epoch,
+            lag: st.lag,
+            held_bytes: held,
+            flows,
+            backup_alive: st.backup_alive,
+            generation,
+            fenced: self.fenced(),
+        });
     }
 
     /// With a fence and no generation yet: claims the next generation in
@@ -751,6 +782,9 @@ fn read_acks(
                     l.resend_from = Some(l.resend_from.map_or(seq, |s| s.min(seq)));
                     link.1.notify_all();
                     lock(&inner.status).nacks += 1;
+                    if let Some(m) = &inner.opts.metrics {
+                        m.nack();
+                    }
                 }
                 PrimaryEvent::BackupLost { why } => {
                     lock(&inner.status).backup_alive = false;
@@ -993,6 +1027,9 @@ fn epoch_loop(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Resu
                 st.pauses.pop_front();
             }
             st.last_bytes = bytes.len() as u64;
+        }
+        if let Some(m) = &opts.metrics {
+            m.checkpoint(Duration::from_micros(ckpt.pause_us), bytes.len() as u64);
         }
         pool.push(ckpt.pages.into_buffer());
         let bytes = Arc::new(bytes);
