@@ -59,8 +59,12 @@ enum Command {
     /// MAC on the LAN, and runs it as `remora run` would (serial console on
     /// stdout, --control socket, exit status). If the primary's guest powers
     /// off or its operator stops it, the backup exits (status 0) without
-    /// taking over. Without a fence, a cut replication link makes both
-    /// hosts run the guest: keep that link as reliable as the LAN.
+    /// taking over. With --fence the backup takes over only after moving
+    /// the VM's generation in etcd (a primary that went on alone wins
+    /// instead, and the backup stands by again); without a fence, a cut
+    /// replication link makes both hosts run the guest. With --tls-* the
+    /// link is mutual TLS; without it, plain TCP (a warning at start unless
+    /// --insecure).
     Backup(BackupArgs),
     /// Relay TCP/IP between two TAP devices through remora's output-commit
     /// engine, without a VM: the inner TAP stands for the protected guest,
