@@ -277,8 +277,11 @@ fn claim_takeover(opts: &BackupOptions, s: &Standby) -> Result<Fenced, BackupErr
         // Refused at the first checkpoint: not reached.
         return Err(BackupError::Other("no fence generation from the primary".into()));
     };
-    let fence =
+    let mut fence =
         crate::fence::Fence::new(cfg.clone(), s.vm_name.clone()).map_err(|e| BackupError::Other(e.to_string()))?;
+    // Short attempts: a dead etcd member (or leader) must cost the guest
+    // one election, not a long timeout per try.
+    fence.timeout = Duration::from_millis(500);
     let owner = crate::fence::owner("backup (took over)");
     let mut reported = None::<Instant>;
     loop {

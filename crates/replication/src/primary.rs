@@ -188,7 +188,12 @@ impl Protector {
         };
         let first_mac = devs.nets.first().map(|n| n.mac);
         let fence = match &opts.fence {
-            Some(cfg) => Some(crate::fence::Fence::new(cfg.clone(), crate::fence::vm_name(first_mac))?),
+            Some(cfg) => {
+                let mut f = crate::fence::Fence::new(cfg.clone(), crate::fence::vm_name(first_mac))?;
+                // Short attempts, retried: output waits on them.
+                f.timeout = Duration::from_millis(500);
+                Some(f)
+            }
             None => None,
         };
         let commits: Vec<Arc<OutputCommit>> = devs.nets.iter().map(|n| n.commit.clone()).collect();
@@ -447,25 +452,27 @@ fn fence_off(inner: &Inner, why: String) {
 
 /// With a fence: moves the generation on before this copy emits output on
 /// its own (the backup may be taking over right now). Retries while etcd
-/// is unreachable, holding the output. Returns false if fenced.
-fn claim_to_go_on(inner: &Inner) -> bool {
-    let Some(fence) = &inner.fence else { return true };
+/// is unreachable, holding the output. `Some(true)`: go on; `Some(false)`:
+/// fenced; `None`: the VM stopped before the fence answered (output stays
+/// held).
+fn claim_to_go_on(inner: &Inner) -> Option<bool> {
+    let Some(fence) = &inner.fence else { return Some(true) };
     let Some(held) = *lock(&inner.generation) else {
         // Still claiming at start: that claim opens the gate.
-        return true;
+        return Some(true);
     };
     let owner = crate::fence::owner("primary (unprotected)");
     let mut reported = None::<Instant>;
     loop {
         if inner.stopping.load(Ordering::Acquire) {
-            return true;
+            return None;
         }
         match fence.claim(held, &owner) {
             Ok(crate::fence::Claim::Won(g)) => {
                 *lock(&inner.generation) = Some(g);
                 lock(&inner.status).fence = g.to_string();
                 eprintln!("remora: fence: generation {held} -> {g}: this copy goes on alone");
-                return true;
+                return Some(true);
             }
             Ok(crate::fence::Claim::Lost { generation, owner }) => {
                 fence_off(
@@ -474,7 +481,7 @@ fn claim_to_go_on(inner: &Inner) -> bool {
                         "the fence moved from generation {held} to {generation} ({owner}): another copy (the backup) took over"
                     ),
                 );
-                return false;
+                return Some(false);
             }
             Err(e) => {
                 lock(&inner.status).fence = format!("{held} (etcd unreachable)");
@@ -496,7 +503,9 @@ fn unprotect(inner: &Inner, why: String) {
     *lock(&inner.writer) = None;
     let stopping = inner.stopping.load(Ordering::Acquire);
     let exposed = inner.exposed.swap(false, Ordering::AcqRel);
-    if !stopping && exposed && !claim_to_go_on(inner) {
+    if exposed && claim_to_go_on(inner) != Some(true) {
+        // Fenced, or stopping without the fence's word: nothing is
+        // released (a backup may run the guest).
         lock(&inner.status).backup_alive = false;
         return;
     }
