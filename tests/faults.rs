@@ -424,6 +424,10 @@ fn wait_status(sock: &std::path::Path, want: &str, timeout: Duration) -> Result<
         if ok && out.contains(want) {
             return Ok(out);
         }
+        // A protection that failed does not come back by itself.
+        if ok && want == "protected=yes" && out.contains("protected=no") && out.contains("last_error=") {
+            return Err(out);
+        }
         last = out;
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -877,7 +881,20 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
     ha.primary = Some(p);
     assert!(up.is_some(), "the primary's guest network never came up");
     if let Err(st) = wait_status(&ha.psock, "protected=yes", Duration::from_secs(60)) {
-        panic!("never protected: {st}");
+        let mut ended = Ended {
+            primary: None,
+            backup: None,
+        };
+        for (slot, h) in [
+            (&mut ended.primary, ha.primary.take()),
+            (&mut ended.backup, ha.backup.take()),
+        ] {
+            if let Some(h) = h {
+                h.signal(libc::SIGKILL);
+                *slot = Some(h.finish(Duration::from_secs(5)));
+            }
+        }
+        panic!("never protected: {st}{}", ended.diag());
     }
     let cap = ha.lan.capture_lan_snaplen(128).expect("LAN capture");
     let sink = sink_stream(&ha.lan);
