@@ -1536,3 +1536,42 @@ fn fault_campaign() {
         bad.join("\n")
     );
 }
+
+/// An operator stopping the primary (SIGTERM) while a checkpoint is on
+/// the wire: the backup must be told (Shutdown) and exit without taking
+/// over, however full the replication connection's send queue is. The
+/// link is slowed down so that megabytes of checkpoint wait in the
+/// primary's socket when it exits.
+#[test]
+fn stopping_a_busy_primary_is_not_a_failure() {
+    require_kvm();
+    let mut ha = Ha::new(900);
+    ha.start_backup();
+    let (addr, psock) = (ha.backup_addr(), ha.psock.clone());
+    let mut cmd = ha.primary_command(&workloads(), "speculative", Some(&addr), &psock);
+    ha.primary = Some(spawn(&mut cmd));
+    wait_status(&ha.psock, "protected=yes", Duration::from_secs(60)).expect("protected");
+    let sink = sink_stream(&ha.lan);
+    std::thread::sleep(Duration::from_millis(500));
+    ha.lan
+        .shape_replication("100mbit", "64kb", DEEP_QUEUE)
+        .expect("shape the replication link");
+    std::thread::sleep(Duration::from_millis(300));
+    let p = ha.primary.take().unwrap();
+    p.signal(libc::SIGTERM);
+    let p = p.finish(Duration::from_secs(20));
+    // The backup exits by itself once it has read everything.
+    ha.lan
+        .reshape_replication(UNSHAPED_RATE, UNSHAPED_BURST, DEEP_QUEUE)
+        .expect("unshape");
+    let b = ha.backup.take().unwrap().finish(Duration::from_secs(20));
+    drop(sink);
+    let diag = format!("--- primary:\n{}\n--- backup:\n{}", p.stderr, b.stderr);
+    assert!(p.status.success(), "the primary did not stop cleanly\n{diag}");
+    assert!(
+        !b.stderr.contains("failover"),
+        "the backup took over a stopped primary\n{diag}"
+    );
+    assert!(b.stderr.contains("no takeover"), "the backup was not told\n{diag}");
+    assert!(!b.timed_out, "the backup did not exit\n{diag}");
+}
