@@ -51,7 +51,23 @@ const SOURCE_PORT: u16 = 5002;
 /// Each stream's length and pace: ~3 s, long enough to span any fault.
 const STREAM_MIB: usize = 96;
 const STREAM_MIB_S: u64 = 32;
-const HEARTBEAT_TIMEOUT_MS: u64 = 100;
+/// The heartbeat timeout of both hosts in the campaign (override with
+/// `REMORA_FAULT_HEARTBEAT_MS`). Not remora's default 100 ms: with this
+/// campaign's load on this 2-core machine (two VMs whose checkpoints carry
+/// 30-40 MB of disk log, memory and network buffers, the client, the
+/// capture) the backup sometimes hears nothing for just over 100 ms with
+/// no fault injected, takes over a live primary, and the checker reports
+/// the split brain (seen in 2 of ~50 trials: a product finding, see
+/// notes in the commit). 300 ms keeps the campaign about the faults.
+fn heartbeat_ms() -> u64 {
+    static MS: OnceLock<u64> = OnceLock::new();
+    *MS.get_or_init(|| {
+        std::env::var("REMORA_FAULT_HEARTBEAT_MS")
+            .ok()
+            .map(|s| s.trim().parse().expect("REMORA_FAULT_HEARTBEAT_MS: milliseconds"))
+            .unwrap_or(300)
+    })
+}
 const DEFAULT_TRIALS: usize = 30;
 /// A `tbf` that no longer limits (veth carries ~17 Gbit/s; the burst
 /// covers a jiffy at that rate), for ending a slow period without
@@ -355,7 +371,7 @@ impl Ha {
             .args(["--net", &format!("tap={},mac={MAC}", self.lan.tap)])
             .args(["--disk", &disk])
             .args(["--control", self.bsock.to_str().unwrap()])
-            .args(["--heartbeat-timeout-ms", &HEARTBEAT_TIMEOUT_MS.to_string()]);
+            .args(["--heartbeat-timeout-ms", &heartbeat_ms().to_string()]);
         if let Some(f) = fence_arg(self) {
             cmd.args(["--fence", &f]);
         }
@@ -384,7 +400,7 @@ impl Ha {
             .args(["--disk", &disk])
             .args(["--control", sock.to_str().unwrap()])
             .args(["--output", output])
-            .args(["--heartbeat-timeout-ms", &HEARTBEAT_TIMEOUT_MS.to_string()]);
+            .args(["--heartbeat-timeout-ms", &heartbeat_ms().to_string()]);
         if let Some(p) = protect {
             cmd.args(["--protect", p]);
         }
@@ -938,7 +954,7 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
             "backup killed".into()
         }
         Fault::StopPrimary => {
-            let ms = rng.range(3 * HEARTBEAT_TIMEOUT_MS, 10 * HEARTBEAT_TIMEOUT_MS);
+            let ms = rng.range(2 * heartbeat_ms(), 5 * heartbeat_ms());
             let pid = ha.primary_pid();
             process::freeze(pid).expect("SIGSTOP");
             std::thread::sleep(Duration::from_millis(ms));
@@ -951,7 +967,7 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
                 Fault::CutToPrimary => Direction::BackupToPrimary,
                 _ => Direction::Both,
             };
-            let ms = rng.range(3 * HEARTBEAT_TIMEOUT_MS, 15 * HEARTBEAT_TIMEOUT_MS);
+            let ms = rng.range(2 * heartbeat_ms(), 6 * heartbeat_ms());
             ha.lan.cut_replication(dir).expect("cut");
             std::thread::sleep(Duration::from_millis(ms));
             ha.lan.heal_replication().expect("heal");
@@ -999,6 +1015,7 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
     let sink = sink.join().expect("sink thread");
     let source = source.join().expect("source thread");
     let streams_done = streams_at.elapsed();
+    let streams_end = Instant::now();
     if debug {
         eprintln!(
             "faults: streams done after {streams_done:?}: sink {:?} source {:?}",
@@ -1039,6 +1056,8 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
         progress.push((who, more_rounds, more_checks));
     }
     let status_after = ctl(&ha.psock, &["status"]).1;
+    // The backup opens its control socket when it takes over.
+    let took_over = ctl(&ha.bsock, &["status"]).0;
     std::thread::sleep(Duration::from_millis(200));
     let (frames, dropped) = cap.stop_lossy().expect("LAN capture");
     // Stop the primary first: a backup still standing by is told and exits.
@@ -1057,12 +1076,12 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
     };
     let bstderr = ended.backup.as_ref().map_or("", |b| b.stderr.as_str()).to_string();
     let pstderr = ended.primary.as_ref().map_or("", |p| p.stderr.as_str()).to_string();
-    let took_over = bstderr.contains("remora backup: failover:");
+    let failover_line = bstderr.contains("remora backup: failover:");
     let primary_killed = matches!(
         fault,
         Fault::KillPrimaryPause | Fault::KillPrimaryTransfer | Fault::KillPrimaryAfterAck
     );
-    let outcome = if took_over {
+    let outcome = if took_over || (failover_line && ended.primary.is_none()) {
         Outcome::Takeover
     } else if primary_killed {
         Outcome::Lost
@@ -1089,6 +1108,9 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
         r.failover_ms = detect.zip(running).map(|(a, b)| a + b);
     }
     let v = &mut r.violations;
+    if failover_line && !took_over && ended.primary.is_some() {
+        v.push("the backup took over when the primary was stopped (SIGTERM) at the end of the trial".into());
+    }
     if !fault.allowed().contains(&outcome) {
         v.push(format!(
             "outcome {} (allowed: {})",
@@ -1141,7 +1163,7 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
         v.push(format!("harness: the LAN capture lost {dropped} frames"));
     }
     let output = r.output;
-    check_lan(&frames, fault_at, took_over, r, output);
+    check_lan(&frames, fault_at, streams_end, took_over, r, output);
     if fault == Fault::CorruptCheckpoint
         && !bstderr.contains("refused checkpoint")
         && !bstderr.contains("protocol error")
@@ -1172,7 +1194,14 @@ fn check_consoles(ended: &Ended, v: &mut Vec<String>) {
 
 /// One active copy and output commit, from the frames that entered the
 /// LAN switch.
-fn check_lan(frames: &[CapturedFrame], fault_at: Instant, took_over: bool, r: &mut TrialResult, output: &str) {
+fn check_lan(
+    frames: &[CapturedFrame],
+    fault_at: Instant,
+    streams_end: Instant,
+    took_over: bool,
+    r: &mut TrialResult,
+    output: &str,
+) {
     let guest = |port: LanPort| frames.iter().filter(move |f| f.port == port && f.src_mac == GUEST_MAC);
     let v = &mut r.violations;
     let first_backup = guest(LanPort::Backup).map(|f| f.at).min();
@@ -1207,15 +1236,38 @@ fn check_lan(frames: &[CapturedFrame], fault_at: Instant, took_over: bool, r: &m
             v.push("no RARP announcement from the backup's host".into());
         }
     }
-    // Resets from the guest on the streams.
-    let resets = frames
+    // Resets from the guest on the streams while they ran (the client
+    // saw a reset as an error too); later ones are only noted.
+    let resets: Vec<String> = frames
         .iter()
         .filter(|f| f.src_mac == GUEST_MAC)
-        .filter_map(|f| f.tcp)
-        .filter(|t| t.is_rst() && [SINK_PORT, SOURCE_PORT].contains(&t.src.port()))
-        .count();
-    if resets > 0 {
-        v.push(format!("the guest's side reset a stream ({resets} RST frames)"));
+        .filter_map(|f| f.tcp.map(|t| (f, t)))
+        .filter(|(_, t)| t.is_rst() && [SINK_PORT, SOURCE_PORT].contains(&t.src.port()))
+        .map(|(f, t)| {
+            let rel = |a: Instant, b: Instant| {
+                if a >= b {
+                    format!("+{}", (a - b).as_millis())
+                } else {
+                    format!("-{}", (b - a).as_millis())
+                }
+            };
+            format!(
+                "{:?} port {} seq {} at {} ms from the fault, {} ms from the streams' end{}",
+                f.port,
+                t.src.port(),
+                t.seq,
+                rel(f.at, fault_at),
+                rel(f.at, streams_end),
+                if f.at <= streams_end { "" } else { " (after)" }
+            )
+        })
+        .collect();
+    let during: Vec<&String> = resets.iter().filter(|s| !s.ends_with("(after)")).collect();
+    if !during.is_empty() {
+        v.push(format!("the guest's side reset a stream: {during:?}"));
+    }
+    if resets.len() > during.len() {
+        let _ = write!(r.detail, "; RST after the streams: {}", resets.len() - during.len());
     }
     // Output commit of the guest's ACKs on the sink flow. The backup's
     // host first releases the output of the checkpoint it resumed from
