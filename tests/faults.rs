@@ -57,8 +57,8 @@ const STREAM_MIB_S: u64 = 32;
 /// 30-40 MB of disk log, memory and network buffers, the client, the
 /// capture) the backup sometimes hears nothing for just over 100 ms with
 /// no fault injected, takes over a live primary, and the checker reports
-/// the split brain (seen in 2 of ~50 trials: a product finding, see
-/// notes in the commit). 300 ms keeps the campaign about the faults.
+/// the split brain (seen in 2 of ~50 trials: a product finding,
+/// docs/faults.md finding 2). 300 ms keeps the campaign about the faults.
 fn heartbeat_ms() -> u64 {
     static MS: OnceLock<u64> = OnceLock::new();
     *MS.get_or_init(|| {
@@ -140,7 +140,7 @@ enum Fault {
     /// when the link degrades (loss recovery, a spurious RTO when the
     /// queueing delay jumps: the RTO is at least 200 ms), so the backup
     /// takes over a primary that is alive: two active copies without a
-    /// fence (seen in the first campaigns, see the commit message).
+    /// fence (docs/faults.md, finding 3).
     SlowLink,
     /// One byte of the checkpoint stream flipped (CorruptProxy).
     CorruptCheckpoint,
@@ -389,7 +389,7 @@ impl Ha {
         workloads: &str,
         output: &str,
         protect: Option<&str>,
-        sock: &PathBuf,
+        sock: &std::path::Path,
     ) -> std::process::Command {
         let disk = self.disk("primary.img");
         let mut cmd = self.lan.primary.command(remora_bin().to_str().unwrap());
@@ -732,7 +732,11 @@ impl Ended {
 fn run_trial(plan: &Plan) -> TrialResult {
     let t0 = Instant::now();
     let mut rng = Rng(plan.seed);
-    let output = if rng.next() % 2 == 0 { "speculative" } else { "buffered" };
+    let output = if rng.next().is_multiple_of(2) {
+        "speculative"
+    } else {
+        "buffered"
+    };
     let mut r = TrialResult {
         index: plan.index,
         seed: plan.seed,
