@@ -30,9 +30,9 @@ case "${1:-}" in
         trials="${2:-30}"
         cargo build --release --workspace --quiet
         rc=0
-        REMORA_FAULT_TRIALS="$trials" cargo test --release --quiet --test faults -- --nocapture || rc=$?
+        REMORA_FAULT_TRIALS="$trials" cargo test --release --quiet --test faults -- --nocapture fault_campaign || rc=$?
         mkdir -p docs/bench
-        cp target/bench/faults.txt docs/bench/faults.txt
+        cp "${CARGO_TARGET_DIR:-target}/bench/faults.txt" docs/bench/faults.txt
         cat docs/bench/faults.txt
         exit "$rc"
         ;;

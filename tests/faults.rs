@@ -472,7 +472,7 @@ fn max_counter<'a>(lines: impl Iterator<Item = &'a str>, prefix: &str, key: &str
 
 /// Client -> guest sink: `STREAM_MIB` of the splitmix stream, paced;
 /// returns its SHA-256.
-fn sink_stream(lan: &HaLan) -> std::thread::JoinHandle<std::io::Result<String>> {
+fn sink_stream(lan: &HaLan) -> std::thread::JoinHandle<std::io::Result<(String, Instant)>> {
     lan.client.spawn_thread(move || {
         let mut c = TcpStream::connect((GUEST_IP, SINK_PORT))?;
         // Not the host's default bbr: with the guest's ACKs released once
@@ -502,12 +502,12 @@ fn sink_stream(lan: &HaLan) -> std::thread::JoinHandle<std::io::Result<String>> 
         c.shutdown(Shutdown::Write)?;
         // The guest closes its side once it has hashed everything.
         let _ = c.read_to_end(&mut Vec::new());
-        Ok(hex(&h.finalize()))
+        Ok((hex(&h.finalize()), Instant::now()))
     })
 }
 
 /// Guest source -> client, read at the same pace; (bytes, SHA-256).
-fn source_stream(lan: &HaLan) -> std::thread::JoinHandle<std::io::Result<(u64, String)>> {
+fn source_stream(lan: &HaLan) -> std::thread::JoinHandle<std::io::Result<(u64, String, Instant)>> {
     lan.client.spawn_thread(move || {
         let mut s = TcpStream::connect((GUEST_IP, SOURCE_PORT))?;
         s.set_read_timeout(Some(STREAM_TIMEOUT))?;
@@ -527,7 +527,7 @@ fn source_stream(lan: &HaLan) -> std::thread::JoinHandle<std::io::Result<(u64, S
                 std::thread::sleep(wait);
             }
         }
-        Ok((n, hex(&h.finalize())))
+        Ok((n, hex(&h.finalize()), Instant::now()))
     })
 }
 
@@ -1024,7 +1024,7 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
         eprintln!(
             "faults: streams done after {streams_done:?}: sink {:?} source {:?}",
             sink.as_ref().map(|_| "ok"),
-            source.as_ref().map(|(n, _)| n)
+            source.as_ref().map(|(n, _, _)| n)
         );
     }
     let mut sink_lines = Vec::new();
@@ -1126,7 +1126,7 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
     // Streams: exact, no reset, finished by the host that runs the guest.
     let runner = if took_over { "backup" } else { "primary" };
     match &sink {
-        Ok(want) => match sink_lines.iter().find(|(w, _)| *w == runner) {
+        Ok((want, _)) => match sink_lines.iter().find(|(w, _)| *w == runner) {
             Some((_, l)) => {
                 if field(l, "bytes=") != (STREAM_MIB * MIB).to_string() || field(l, "sha256=") != want {
                     v.push(format!(
@@ -1142,7 +1142,7 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
         v.push(format!("both hosts ended the sink stream: {sink_lines:?}"));
     }
     match &source {
-        Ok((n, sha)) => {
+        Ok((n, sha, _)) => {
             if *n != (STREAM_MIB * MIB) as u64 || sha != source_sha() {
                 v.push(format!("source stream not exact: {n} bytes sha256={sha}"));
             }
@@ -1167,7 +1167,12 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
         v.push(format!("harness: the LAN capture lost {dropped} frames"));
     }
     let output = r.output;
-    check_lan(&frames, fault_at, streams_end, took_over, r, output);
+    // Each stream ended for the client when its thread returned.
+    let ends = [
+        (SINK_PORT, sink.as_ref().map_or(streams_end, |(_, t)| *t)),
+        (SOURCE_PORT, source.as_ref().map_or(streams_end, |(_, _, t)| *t)),
+    ];
+    check_lan(&frames, fault_at, ends, took_over, r, output);
     if fault == Fault::CorruptCheckpoint
         && !bstderr.contains("refused checkpoint")
         && !bstderr.contains("protocol error")
@@ -1201,7 +1206,7 @@ fn check_consoles(ended: &Ended, v: &mut Vec<String>) {
 fn check_lan(
     frames: &[CapturedFrame],
     fault_at: Instant,
-    streams_end: Instant,
+    ends: [(u16, Instant); 2],
     took_over: bool,
     r: &mut TrialResult,
     output: &str,
@@ -1240,8 +1245,10 @@ fn check_lan(
             v.push("no RARP announcement from the backup's host".into());
         }
     }
-    // Resets from the guest on the streams while they ran (the client
-    // saw a reset as an error too); later ones are only noted.
+    // Resets from the guest on a stream while it ran (the client saw a
+    // reset as an error too); later ones (a late segment of the client's
+    // answered after the guest closed) are only noted.
+    let end_of = |port: u16| ends.iter().find(|(p, _)| *p == port).map(|(_, t)| *t);
     let resets: Vec<String> = frames
         .iter()
         .filter(|f| f.src_mac == GUEST_MAC)
@@ -1256,13 +1263,17 @@ fn check_lan(
                 }
             };
             format!(
-                "{:?} port {} seq {} at {} ms from the fault, {} ms from the streams' end{}",
+                "{:?} port {} seq {} at {} ms from the fault, {} ms from that stream's end{}",
                 f.port,
                 t.src.port(),
                 t.seq,
                 rel(f.at, fault_at),
-                rel(f.at, streams_end),
-                if f.at <= streams_end { "" } else { " (after)" }
+                rel(f.at, end_of(t.src.port()).unwrap_or(fault_at)),
+                if end_of(t.src.port()).is_some_and(|e| f.at <= e) {
+                    ""
+                } else {
+                    " (after)"
+                }
             )
         })
         .collect();
