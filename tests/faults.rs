@@ -1470,7 +1470,9 @@ fn select_kinds() -> (Vec<Fault>, Vec<(Fault, &'static str)>) {
     match named {
         None => {
             for f in Fault::ALL {
-                if f.needs_fence() && !FENCE {
+                if f.needs_etcd() && !FENCE {
+                    skipped.push((f, "needs the fence and HaLan's etcd"));
+                } else if f.needs_fence() && !FENCE {
                     skipped.push((f, "needs the fence: without it two active copies are possible"));
                 } else {
                     run.push(f);
