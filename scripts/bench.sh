@@ -22,5 +22,19 @@ case "${1:-}" in
         cargo bench --quiet --bench replication
         "$py" scripts/plot_replication.py target/bench/replication.json target/bench/replication.png
         ;;
-    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay|replication" >&2; exit 2 ;;
+    faults)
+        # The fault campaign of tests/faults.rs with N trials (default 30):
+        # a table per fault kind (trials, survived, violations, failover
+        # time, outcomes), target/bench/faults.json, docs/bench/faults.txt.
+        # REMORA_FAULT_SEED / REMORA_FAULT_KINDS pass through.
+        trials="${2:-30}"
+        cargo build --release --workspace --quiet
+        rc=0
+        REMORA_FAULT_TRIALS="$trials" cargo test --release --quiet --test faults -- --nocapture fault_campaign || rc=$?
+        mkdir -p docs/bench
+        cp "${CARGO_TARGET_DIR:-target}/bench/faults.txt" docs/bench/faults.txt
+        cat docs/bench/faults.txt
+        exit "$rc"
+        ;;
+    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay|replication|faults [N]" >&2; exit 2 ;;
 esac

@@ -141,6 +141,19 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// The console lines that arrived so far (without waiting).
+    pub fn lines_so_far(&mut self) -> &[(Duration, String)] {
+        while let Ok(l) = self.lines_rx.try_recv() {
+            self.lines.push(l);
+        }
+        &self.lines
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout` for a console line containing `needle`.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<(Duration, String)> {
         if let Some(l) = self.lines.iter().find(|(_, l)| l.contains(needle)) {

@@ -226,7 +226,17 @@ impl HaLan {
         self.backup.tbf(REPL_DEV, rate, burst, limit_bytes)
     }
 
-    /// Removes [`HaLan::shape_replication`]'s `tbf` (both ways).
+    /// Changes the `tbf` of [`HaLan::shape_replication`] (both ways) in
+    /// place: what it holds stays queued, so the connection across the
+    /// link sees no loss (use this to end a slow period:
+    /// [`HaLan::unshape_replication`] drops the queue).
+    pub fn reshape_replication(&self, rate: &str, burst: &str, limit_bytes: u64) -> Result<()> {
+        self.primary.tbf_change(REPL_DEV, rate, burst, limit_bytes)?;
+        self.backup.tbf_change(REPL_DEV, rate, burst, limit_bytes)
+    }
+
+    /// Removes [`HaLan::shape_replication`]'s `tbf` (both ways); packets it
+    /// still holds are dropped.
     pub fn unshape_replication(&self) -> Result<()> {
         for ns in [&self.primary, &self.backup] {
             let out = ns.exec("tc", &["qdisc", "show", "dev", REPL_DEV, "root"])?;
@@ -434,6 +444,11 @@ mod tests {
         let out = p.exec("tc", &["qdisc", "show", "dev", REPL_DEV]).unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("tbf"));
         assert!(tcp_ok(p, b, BACKUP_REPL_IP, 7041, s), "shaped link carries traffic");
+        ha.reshape_replication("1gbit", "64kb", 512 * 1024).unwrap();
+        let out = p.exec("tc", &["qdisc", "show", "dev", REPL_DEV]).unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(shown.contains("tbf") && shown.contains("rate 1Gbit"), "{shown}");
+        assert!(tcp_ok(p, b, BACKUP_REPL_IP, 7042, s), "reshaped link carries traffic");
         ha.unshape_replication().unwrap();
         let out = p.exec("tc", &["qdisc", "show", "dev", REPL_DEV]).unwrap();
         assert!(!String::from_utf8_lossy(&out.stdout).contains("tbf"));

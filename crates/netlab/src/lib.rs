@@ -19,11 +19,14 @@
 //! which host emitted the guest's frames and that no uncommitted output
 //! escaped. [`CorruptProxy`] is a TCP proxy flipping exactly one byte of
 //! a stream at a chosen offset, to prove corruption is detected.
+//! [`process`] sends the process faults (SIGKILL, SIGSTOP/SIGCONT) and
+//! reads a thread's scheduler state to aim them.
 
 pub mod capture;
 pub mod emu;
 pub mod etcd;
 pub mod ha;
+pub mod process;
 pub mod proxy;
 pub mod relay;
 
@@ -168,6 +171,19 @@ impl Netns {
         let limit = limit_bytes.to_string();
         run(Command::new("tc").args([
             "-n", &self.name, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "limit",
+            &limit,
+        ]))?;
+        Ok(())
+    }
+
+    /// Changes the rate, burst and queue limit of [`Netns::tbf`]'s qdisc on
+    /// `dev` in place (`tc qdisc change`): the packets it holds stay
+    /// queued, none is dropped (deleting or replacing the qdisc would drop
+    /// them, which a TCP connection across the link sees as a loss).
+    pub fn tbf_change(&self, dev: &str, rate: &str, burst: &str, limit_bytes: u64) -> Result<()> {
+        let limit = limit_bytes.to_string();
+        run(Command::new("tc").args([
+            "-n", &self.name, "qdisc", "change", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "limit",
             &limit,
         ]))?;
         Ok(())

@@ -119,6 +119,41 @@ impl Link {
             .store(self.origin.elapsed().as_nanos() as u64, Ordering::Release);
     }
 
+    /// Ends the connection in order: what was written so far goes out,
+    /// then a FIN; waits until the peer closes its side (or resets it),
+    /// reading (and dropping) what it still sends, at most `limit`; then
+    /// closes both ways. Returns whether the peer closed its side.
+    ///
+    /// A plain close is not enough before a process exits: closing a
+    /// socket with unread data (the peer's heartbeats) resets the
+    /// connection, and a reset throws away everything still queued for
+    /// sending (the end of a checkpoint, the Shutdown message after it),
+    /// which the peer then takes for a crash. (Another thread may read the
+    /// same socket meanwhile: the end of the stream is seen by both.)
+    pub fn finish(&self, limit: Duration) -> bool {
+        use std::io::Read;
+        self.stop.store(true, Ordering::Release);
+        let w = self.w.lock().unwrap_or_else(|p| p.into_inner());
+        w.s.shutdown_write();
+        let raw = w.s.raw();
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        let _ = raw.set_read_timeout(Some(Duration::from_millis(20)));
+        let closed = loop {
+            if start.elapsed() > limit {
+                break false;
+            }
+            match (&*raw).read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => {}
+                Err(e) if crate::would_block(&e) => {}
+                Err(_) => break false,
+            }
+        };
+        let _ = raw.shutdown(std::net::Shutdown::Both);
+        closed
+    }
+
     /// Closes the connection both ways and stops the beacon.
     pub fn close(&self) {
         self.stop.store(true, Ordering::Release);

@@ -367,7 +367,11 @@ impl Protector {
         self.inner.stopping.store(true, Ordering::Release);
         if let Some(w) = link {
             let _ = w.send(&remora_proto::Message::Shutdown { reason: reason.into() });
-            w.close();
+            // The process exits next: the Shutdown must reach the backup
+            // (behind what is still queued) before the socket closes.
+            if !w.finish(SHUTDOWN_LIMIT) {
+                tracing::warn!("the backup did not confirm the shutdown; it may take over");
+            }
         }
     }
 
@@ -414,6 +418,11 @@ impl ReplHook for Hook {
 }
 
 const VM_STOPPED: &str = "the VM has stopped";
+/// How long a stopping primary waits for the backup to read everything
+/// up to its Shutdown (a slow link may hold a checkpoint's megabytes; a
+/// backup that is gone resets the connection at once, only a silent one
+/// makes the primary wait this long).
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
 
 /// A request to the VMM's event loop.
 fn ask(inner: &Inner, req: ReplRequest) -> Result<ReplReply, String> {

@@ -266,6 +266,23 @@ impl Read for SecureRead {
 }
 
 impl SecureWrite {
+    /// Ends this side's stream (a TLS close_notify, then a FIN); the peer's
+    /// side stays open.
+    pub fn shutdown_write(&self) {
+        if let Some(tls) = &self.tls {
+            let mut c = lock(tls);
+            c.send_close_notify();
+            let _ = c.write_tls(&mut &self.tcp);
+        }
+        let _ = self.tcp.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// The socket underneath (to drain what the peer still sends; under
+    /// TLS those are records, dropped unread).
+    pub fn raw(&self) -> &TcpStream {
+        &self.tcp
+    }
+
     /// Closes the connection both ways (a TLS close_notify first).
     pub fn shutdown(&self) {
         if let Some(tls) = &self.tls {
