@@ -1534,12 +1534,33 @@ impl Flow {
         }
     }
 
+    /// Records a SACK block of the peer. Only the part inside
+    /// [snd_una, snd_max] counts; a block wholly outside it (or malformed,
+    /// e.g. with edges half the sequence space apart) is ignored. The edges
+    /// are compared as offsets from `snd_una`: pairwise sequence-space
+    /// comparisons are not transitive across more than 2^31 bytes, so a
+    /// block such as (una + 1.4e9, una + 2.9e9) would pass "l >= una",
+    /// "r <= snd_max" and "l < r" all at once.
     fn add_sack(&mut self, l: u32, r: u32) {
-        let l = seq::max(l, self.snd_una);
-        let r = seq::min(r, self.snd_max);
         if !seq::lt(l, r) {
             return;
         }
+        let flight = seq::dist(self.snd_una, self.snd_max);
+        let off_r = r.wrapping_sub(self.snd_una);
+        if off_r == 0 || off_r >= 1 << 31 {
+            // Right edge at or below snd_una: nothing new.
+            return;
+        }
+        // l < r and r above snd_una: an offset of l above r's means l lies
+        // below snd_una (a block straddling it): trim it there.
+        let off_l = l.wrapping_sub(self.snd_una);
+        let off_l = if off_l > off_r { 0 } else { off_l };
+        let off_r = off_r.min(flight);
+        if off_l >= off_r {
+            return;
+        }
+        let l = self.snd_una.wrapping_add(off_l);
+        let r = self.snd_una.wrapping_add(off_r);
         let mut nl = l;
         let mut nr = r;
         let mut out = Vec::with_capacity(self.sacked.len() + 1);

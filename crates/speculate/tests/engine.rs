@@ -1325,3 +1325,45 @@ fn tail_loss_probe_and_lost_retransmission_beat_the_rto() {
     assert!(e.is_idle());
     assert_eq!(e.poll_timeout(), None);
 }
+
+/// Fuzzer find: a SACK block whose edges are more than 2^31 apart passed
+/// the pairwise sequence-space trimming (l >= snd_una, r <= snd_max and
+/// l < r all held), so `Flow::pipe` saw 1.5 GB SACKed out of a 7 kB
+/// flight: an overflow (abort with overflow checks), in release a bogus
+/// fast recovery. Blocks outside [snd_una, snd_max] must be ignored.
+#[test]
+fn wrapping_sack_block_is_ignored() {
+    let ep = Ep { v6: false };
+    let mut e = open(ep, 1 << 20);
+    let seg_len = 1388u32;
+    let base = GISN.wrapping_add(1);
+    let data = vec![9u8; seg_len as usize * 5];
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &data),
+    );
+    drain(&mut e);
+    assert_eq!(commit_all(&mut e, ms(20)).len(), 5);
+    let peer_ack =
+        |ack: u32, sack: &[(u32, u32)]| ep.peer(PISN + 1, ack, flags::ACK, 8192, Some((5100, 1100)), sack, &[]);
+    // The fuzzer's block, relative to a snd_una of 1001.
+    let wild = [(base.wrapping_add(1_397_968_838), base.wrapping_add(2_885_680_151))];
+    // Wholly above snd_max, and wholly below snd_una.
+    let above = [(base.wrapping_add(6 * seg_len), base.wrapping_add(9 * seg_len))];
+    let below = [(base.wrapping_sub(9 * seg_len), base.wrapping_sub(seg_len))];
+    for sack in [&wild[..], &above[..], &below[..]] {
+        e.handle_outer(ms(30), &peer_ack(base, sack));
+        assert!(drain(&mut e).is_empty(), "no retransmission for {sack:?}");
+        assert_eq!(e.stats().fast_recoveries, 0, "{sack:?}");
+        assert_eq!(e.stats().retransmits, 0, "{sack:?}");
+    }
+    // A genuine SACK of three segments above a hole still starts recovery
+    // (the block straddling snd_max is trimmed to it).
+    let real = [(base.wrapping_add(2 * seg_len), base.wrapping_add(7 * seg_len))];
+    e.handle_outer(ms(40), &peer_ack(base, &real));
+    let retx: Vec<u32> = drain(&mut e).iter().map(|t| seg(&t.frame).seq).collect();
+    assert_eq!(e.stats().fast_recoveries, 1);
+    assert_eq!(retx.first(), Some(&base), "{retx:?}");
+    e.handle_outer(ms(50), &peer_ack(base.wrapping_add(data.len() as u32), &[]));
+    assert!(e.is_idle());
+}
