@@ -529,8 +529,12 @@ impl Flow {
         self.buf = VecDeque::new();
         *ctx.global_reserved = ctx.global_reserved.saturating_sub(self.reserved);
         self.reserved = 0;
+        // No sender timer outlives the held stream (a flow closed by a
+        // peer RST kept its tail-loss-probe deadline, which no one cleared).
         self.rto_deadline = None;
         self.persist_deadline = None;
+        self.tlp_deadline = None;
+        self.tlp_sent = false;
     }
 
     fn held(&self) -> u64 {
@@ -1698,6 +1702,11 @@ impl Flow {
             }
         }
         if self.phase != Phase::Established {
+            // Sender timers mean nothing outside Established: never leave
+            // one behind (it would stay due forever).
+            self.rto_deadline = None;
+            self.persist_deadline = None;
+            self.tlp_deadline = None;
             return;
         }
         if let Some(d) = self.rto_deadline {

@@ -1367,3 +1367,55 @@ fn wrapping_sack_block_is_ignored() {
     e.handle_outer(ms(50), &peer_ack(base.wrapping_add(data.len() as u32), &[]));
     assert!(e.is_idle());
 }
+
+/// Fuzzer find: a peer RST closing a flow whose tail loss probe was armed
+/// left the probe's deadline behind (`release_all` cleared the RTO and
+/// persist deadlines only), and `handle_timeout` never cleared it either:
+/// `poll_timeout()` stayed in the past for the whole time_wait and a
+/// driver would spin at 100% CPU.
+#[test]
+fn no_timer_stays_due_after_peer_rst() {
+    let ep = Ep { v6: false };
+    let mut e = open(ep, 1 << 20);
+    let seg_len = 1388u32;
+    let base = GISN.wrapping_add(1);
+    let data = vec![5u8; seg_len as usize * 4];
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &data),
+    );
+    drain(&mut e);
+    assert_eq!(commit_all(&mut e, ms(20)).len(), 4);
+    // An RTT sample (10 ms) and the tail still out: the probe is armed.
+    e.handle_outer(
+        ms(30),
+        &ep.peer(
+            PISN + 1,
+            base.wrapping_add(seg_len),
+            flags::ACK,
+            8192,
+            Some((5100, 1100)),
+            &[],
+            &[],
+        ),
+    );
+    let probe_at = e.poll_timeout().expect("tail loss probe armed");
+    assert!(probe_at < ms(100), "{probe_at:?}");
+    // The peer resets the flow before the probe is due.
+    e.handle_outer(ms(40), &ep.peer(PISN + 1, 0, flags::RST, 0, None, &[], &[]));
+    assert_eq!(drain(&mut e).len(), 1, "the RST passes to the guest");
+    assert_eq!(e.stats().speculative_flows, 0);
+    // Drive the timers as a driver would: every deadline handled moves on.
+    let mut now = ms(40);
+    for _ in 0..10 {
+        let Some(d) = e.poll_timeout() else { break };
+        now = now.max(d);
+        e.handle_timeout(now);
+        drain(&mut e);
+        let next = e.poll_timeout();
+        assert!(next.is_none_or(|n| n > now), "timer still due at {now:?}: {next:?}");
+    }
+    assert_eq!(e.stats().tail_probes, 0, "no probe on a closed flow");
+    assert_eq!(e.stats().flows, 0, "removed after time_wait");
+    assert_eq!(e.poll_timeout(), None);
+}
