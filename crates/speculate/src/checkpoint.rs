@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, Item};
 use crate::flow::{Flow, FlowKey};
-use crate::{Config, EpochId, Stats};
+use crate::{Config, ConfigError, EpochId, Stats};
 
 // ---------------------------------------------------------------------------
 // Bookkeeping and change tracking (primary side).
@@ -656,7 +656,7 @@ impl EngineReplica {
     pub fn new() -> Self {
         EngineReplica {
             seq: None,
-            engine: Engine::new(Config::default()),
+            engine: Engine::new_unchecked(Config::default()),
         }
     }
 
@@ -806,12 +806,19 @@ impl EngineReplica {
     /// primary's). Its output queue is empty. Then `commit_epoch(now,
     /// epoch())` and `resume_after_failover(now)`. Before any checkpoint:
     /// `Engine::new(cfg)`. The first checkpoint of the new engine is a base.
-    pub fn to_engine(&self, cfg: Config) -> Engine {
-        self.clone().into_engine(cfg)
+    /// Refuses an inconsistent `cfg` (see [`Config::validate`]).
+    pub fn to_engine(&self, cfg: Config) -> Result<Engine, ConfigError> {
+        cfg.validate()?;
+        Ok(self.clone().into_engine_unchecked(cfg))
     }
 
     /// [`EngineReplica::to_engine`] without copying the held bytes.
-    pub fn into_engine(self, cfg: Config) -> Engine {
+    pub fn into_engine(self, cfg: Config) -> Result<Engine, ConfigError> {
+        cfg.validate()?;
+        Ok(self.into_engine_unchecked(cfg))
+    }
+
+    fn into_engine_unchecked(self, cfg: Config) -> Engine {
         let mut e = self.engine;
         e.cfg = cfg;
         e.out.clear();

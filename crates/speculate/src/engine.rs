@@ -11,7 +11,7 @@ use crate::checkpoint::{EngineMark, FlowTable, NotState};
 use crate::flow::{AckInfo, Ctx, Flow, FlowKey, Phase};
 use crate::seq;
 use crate::wire::{self, flags, Parsed, Segment};
-use crate::{Checksum, Config, EpochId, Mode, Side, Stats, Transmit};
+use crate::{Checksum, Config, ConfigError, EpochId, Mode, Side, Stats, Transmit};
 
 /// An entry of an epoch's output queue. `R` holds a raw frame: its bytes in
 /// the engine, where they are in the data section in a checkpoint delta.
@@ -82,7 +82,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(cfg: Config) -> Self {
+    /// A new engine; refuses an inconsistent configuration (see
+    /// [`Config::validate`]).
+    pub fn new(cfg: Config) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        Ok(Self::new_unchecked(cfg))
+    }
+
+    /// An engine with a configuration known to be valid (or a placeholder
+    /// never used to process anything).
+    pub(crate) fn new_unchecked(cfg: Config) -> Self {
         Engine {
             cfg,
             flows: FlowTable::default(),

@@ -172,7 +172,7 @@ fn commit_all(e: &mut Engine, now: Duration) -> Vec<Transmit> {
 /// Open a speculated flow (active open by the guest). Returns the engine
 /// with the handshake committed and delivered.
 fn open(ep: Ep, budget: usize) -> Engine {
-    let mut e = Engine::new(cfg(Mode::Speculative, budget));
+    let mut e = Engine::new(cfg(Mode::Speculative, budget)).expect("valid config");
     e.handle_inner(ms(0), &ep.guest_syn());
     assert!(drain(&mut e).is_empty(), "SYN must be held for output commit");
     let out = commit_all(&mut e, ms(1));
@@ -717,7 +717,7 @@ fn rst_from_guest_after_delivery() {
 #[test]
 fn fallback_non_tcp_unknown_flows_and_malformed() {
     let ep = Ep { v6: false };
-    let mut e = Engine::new(cfg(Mode::Speculative, 100_000));
+    let mut e = Engine::new(cfg(Mode::Speculative, 100_000)).expect("valid config");
     // ARP: held until commit on the way out, immediate on the way in.
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&GUEST_MAC);
@@ -775,7 +775,7 @@ fn outer_frames_with_bad_checksums_are_dropped() {
 #[test]
 fn buffered_and_direct_modes() {
     let ep = Ep { v6: false };
-    let mut e = Engine::new(cfg(Mode::Buffered, 100_000));
+    let mut e = Engine::new(cfg(Mode::Buffered, 100_000)).expect("valid config");
     let f1 = ep.guest_syn();
     let f2 = ep.guest(1, 2, flags::ACK, 3, None, &[], b"two");
     e.handle_inner(ms(0), &f1);
@@ -798,7 +798,7 @@ fn buffered_and_direct_modes() {
     e.commit_epoch(ms(6), EpochId(5));
     assert!(drain(&mut e).is_empty());
 
-    let mut d = Engine::new(cfg(Mode::Direct, 100_000));
+    let mut d = Engine::new(cfg(Mode::Direct, 100_000)).expect("valid config");
     d.handle_inner(ms(0), &f1);
     d.handle_outer(ms(0), &f2);
     let out = drain(&mut d);
@@ -823,7 +823,7 @@ fn buffered_and_direct_modes() {
 #[test]
 fn passive_open_is_speculated() {
     let ep = Ep { v6: false };
-    let mut e = Engine::new(cfg(Mode::Speculative, 100_000));
+    let mut e = Engine::new(cfg(Mode::Speculative, 100_000)).expect("valid config");
     // Peer connects to the guest.
     let syn = Build {
         eth_src: PEER_MAC,
@@ -907,7 +907,7 @@ fn global_cap_blocks_new_speculation() {
     let ep = Ep { v6: false };
     let mut c = cfg(Mode::Speculative, 100_000);
     c.global_cap = 4096; // less than the SYN-ACK window (8192)
-    let mut e = Engine::new(c);
+    let mut e = Engine::new(c).expect("valid config");
     e.handle_inner(ms(0), &ep.guest_syn());
     commit_all(&mut e, ms(1));
     e.handle_outer(ms(2), &ep.peer_synack());
@@ -991,7 +991,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(a in proptest::collection::vec(any::<u8>(), 0..200), b in proptest::collection::vec(any::<u8>(), 0..200)) {
         for mode in [Mode::Speculative, Mode::Buffered, Mode::Direct] {
-            let mut e = Engine::new(cfg(mode, 10_000));
+            let mut e = Engine::new(cfg(mode, 10_000)).expect("valid config");
             e.handle_inner(ms(0), &a);
             e.handle_outer(ms(0), &b);
             // Also as payload of a valid Ethernet/IPv4 header prefix.
@@ -1023,7 +1023,7 @@ fn global_cap_window_update_across_flows() {
     let ep = Ep { v6: false };
     let mut c = cfg(Mode::Speculative, 20_000);
     c.global_cap = 30_000;
-    let mut e = Engine::new(c);
+    let mut e = Engine::new(c).expect("valid config");
     let with_port = |f: Vec<u8>, port: u16, guest: bool| -> Vec<u8> {
         // Re-build the frame with another guest port.
         let s = seg(&f);
@@ -1157,7 +1157,7 @@ fn checksum_offloaded_frames() {
     let goff = 14 + 20 + 16;
     g[goff] = 0;
     g[goff + 1] = 0;
-    let mut e2 = Engine::new(cfg(Mode::Speculative, 10_000));
+    let mut e2 = Engine::new(cfg(Mode::Speculative, 10_000)).expect("valid config");
     e2.handle_inner_with(ms(0), &g, Checksum::Partial);
     let out = commit_all(&mut e2, ms(1));
     assert_eq!(out.len(), 1);
@@ -1169,7 +1169,7 @@ fn zero_window_probes_and_abort_when_peer_is_gone() {
     let ep = Ep { v6: false };
     let mut c = cfg(Mode::Speculative, 100_000);
     c.max_retries = 3;
-    let mut e = Engine::new(c);
+    let mut e = Engine::new(c).expect("valid config");
     e.handle_inner(ms(0), &ep.guest_syn());
     commit_all(&mut e, ms(1));
     e.handle_outer(ms(2), &ep.peer_synack());
@@ -1418,4 +1418,145 @@ fn no_timer_stays_due_after_peer_rst() {
     assert_eq!(e.stats().tail_probes, 0, "no probe on a closed flow");
     assert_eq!(e.stats().flows, 0, "removed after time_wait");
     assert_eq!(e.poll_timeout(), None);
+}
+
+/// Fuzzer find: `min_rto > max_rto` made the first RTT sample panic
+/// (`Duration::clamp`). Inconsistent configurations are refused up front,
+/// with an error naming the field.
+#[test]
+fn inconsistent_config_is_refused() {
+    use remora_speculate::{ConfigError, EngineReplica};
+    let good = cfg(Mode::Speculative, 100_000);
+    assert!(Engine::new(good.clone()).is_ok());
+    assert!(Engine::new(Config::default()).is_ok());
+    let rto = Config {
+        min_rto: Duration::from_secs(2),
+        max_rto: Duration::from_secs(1),
+        initial_rto: Duration::from_secs(1),
+        ..good.clone()
+    };
+    let err = Engine::new(rto.clone()).expect_err("min_rto > max_rto");
+    assert!(matches!(err, ConfigError::RtoBounds { .. }), "{err:?}");
+    assert!(err.to_string().contains("min_rto"), "{err}");
+    // The replica's engine after a failover is checked the same way.
+    assert_eq!(EngineReplica::new().to_engine(rto.clone()).err(), Some(err.clone()));
+    assert_eq!(EngineReplica::new().into_engine(rto).err(), Some(err));
+    let bad: Vec<(&str, Config)> = vec![
+        (
+            "per_flow_budget",
+            Config {
+                per_flow_budget: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "per_flow_budget",
+            Config {
+                per_flow_budget: 3 << 30,
+                ..good.clone()
+            },
+        ),
+        (
+            "global_cap",
+            Config {
+                global_cap: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "buffered_cap",
+            Config {
+                buffered_cap: 0,
+                ..good.clone()
+            },
+        ),
+        ("mtu", Config { mtu: 0, ..good.clone() }),
+        (
+            "mtu",
+            Config {
+                mtu: 100_000,
+                ..good.clone()
+            },
+        ),
+        (
+            "tso_max",
+            Config {
+                tso_max: 65_536,
+                ..good.clone()
+            },
+        ),
+        (
+            "initial_cwnd",
+            Config {
+                initial_cwnd: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "min_rto",
+            Config {
+                min_rto: Duration::ZERO,
+                ..good.clone()
+            },
+        ),
+        (
+            "initial_rto",
+            Config {
+                initial_rto: Duration::ZERO,
+                ..good.clone()
+            },
+        ),
+        (
+            "initial_rto",
+            Config {
+                initial_rto: Duration::from_secs(120),
+                ..good.clone()
+            },
+        ),
+        (
+            "max_rto",
+            Config {
+                max_rto: Duration::MAX,
+                ..good.clone()
+            },
+        ),
+        (
+            "handshake_timeout",
+            Config {
+                handshake_timeout: Duration::ZERO,
+                ..good.clone()
+            },
+        ),
+        (
+            "time_wait",
+            Config {
+                time_wait: Duration::MAX,
+                ..good.clone()
+            },
+        ),
+    ];
+    for (field, c) in bad {
+        let err = Engine::new(c.clone()).expect_err(field);
+        assert!(err.to_string().contains(field), "{field}: {err}");
+        assert_eq!(c.validate(), Err(err));
+    }
+    // Allowed extremes.
+    for c in [
+        Config {
+            max_flows: 0,
+            ..good.clone()
+        },
+        Config {
+            time_wait: Duration::ZERO,
+            rst_linger: Duration::ZERO,
+            ..good.clone()
+        },
+        Config {
+            per_flow_budget: 1,
+            global_cap: 1,
+            ..good.clone()
+        },
+    ] {
+        assert_eq!(c.validate(), Ok(()), "{c:?}");
+    }
 }
