@@ -78,6 +78,12 @@ pub(crate) struct EngineMark {
     pub next_seq: Option<u64>,
     /// Sealed epochs with a smaller id are in the replica already.
     pub sealed_sent: u64,
+    /// Identifies the base the next deltas build on: how many bases this
+    /// engine took (kept across `reset_checkpoint_base`) and its epoch
+    /// counter at the base. Sequence numbers restart at 0 with every base,
+    /// so without it a replica holding an older base would apply the
+    /// deltas of a newer base it never received (a lost base).
+    pub base_id: [u64; 2],
 }
 
 #[derive(Clone, Debug, Default)]
@@ -204,12 +210,15 @@ struct FlowDelta {
 struct Head {
     seq: u64,
     base: bool,
+    /// The base this checkpoint is (or builds on): see `EngineMark::base_id`.
+    base_id: [u64; 2],
     current: u64,
     global_reserved: u64,
     global_held: u64,
     global_blocked: bool,
     spec_flows: u64,
     buffered_bytes: u64,
+    next_flow_id: u64,
     stats: Stats,
     /// The unsealed epoch's items, whole (empty right after `seal_epoch`).
     current_items: Vec<Item<Chunk>>,
@@ -264,7 +273,7 @@ pub struct EngineDelta {
 }
 
 const MAGIC: [u8; 4] = *b"RSPD";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const PREFIX: usize = 4 + 2 + 8;
 
 fn bincode_config() -> bincode::config::Configuration {
@@ -285,6 +294,8 @@ pub enum DeltaError {
     Malformed(String),
     #[error("engine delta {got} out of order (expected {expected:?}, or a base)")]
     OutOfOrder { expected: Option<u64>, got: u64 },
+    #[error("engine delta builds on base {got:?}, the replica has base {expected:?} (a base was lost)")]
+    OtherBase { expected: [u64; 2], got: [u64; 2] },
     #[error("engine delta does not fit the replica: {0}")]
     Mismatch(String),
 }
@@ -391,6 +402,11 @@ impl Engine {
         let base = self.ckpt.0.next_seq.is_none();
         let seq = self.ckpt.0.next_seq.unwrap_or(0);
         let from = if base { 0 } else { self.ckpt.0.sealed_sent };
+        let base_id = if base {
+            [self.ckpt.0.base_id[0].wrapping_add(1), self.current]
+        } else {
+            self.ckpt.0.base_id
+        };
         let tm = &mut self.flows.mark.0;
         let removed = if base {
             tm.track = true;
@@ -456,17 +472,20 @@ impl Engine {
         self.ckpt.0 = EngineMark {
             next_seq: Some(seq.wrapping_add(1)),
             sealed_sent: self.current,
+            base_id,
         };
         EngineDelta {
             head: Head {
                 seq,
                 base,
+                base_id,
                 current: self.current,
                 global_reserved: self.global_reserved,
                 global_held: self.global_held,
                 global_blocked: self.global_blocked,
                 spec_flows: self.spec_flows as u64,
                 buffered_bytes: self.buffered_bytes,
+                next_flow_id: self.next_flow_id,
                 stats: self.stats.clone(),
                 current_items,
                 keep_sealed_from,
@@ -483,7 +502,10 @@ impl Engine {
     /// tracked, so a primary running without a backup may call this and
     /// stop checkpointing.
     pub fn reset_checkpoint_base(&mut self) {
-        self.ckpt.0 = EngineMark::default();
+        self.ckpt.0 = EngineMark {
+            base_id: self.ckpt.0.base_id,
+            ..EngineMark::default()
+        };
         self.flows.mark.0 = TableMark::default();
     }
 }
@@ -636,6 +658,8 @@ impl EngineDelta {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineReplica {
     seq: Option<u64>,
+    /// The base the replica's state builds on.
+    base_id: [u64; 2],
     /// The replicated state (its configuration is a placeholder: the real
     /// one is given to [`EngineReplica::to_engine`]).
     engine: Engine,
@@ -656,6 +680,7 @@ impl EngineReplica {
     pub fn new() -> Self {
         EngineReplica {
             seq: None,
+            base_id: [0; 2],
             engine: Engine::new_unchecked(Config::default()),
         }
     }
@@ -719,6 +744,7 @@ impl EngineReplica {
         e.global_blocked = h.global_blocked;
         e.spec_flows = h.spec_flows as usize;
         e.buffered_bytes = h.buffered_bytes;
+        e.next_flow_id = h.next_flow_id;
         e.stats = h.stats.clone();
         e.current_items = d.items(&h.current_items);
         while e.sealed.front().is_some_and(|(id, _)| *id < h.keep_sealed_from) {
@@ -728,6 +754,7 @@ impl EngineReplica {
             e.sealed.push_back((*id, d.items(items)));
         }
         self.seq = Some(h.seq);
+        self.base_id = h.base_id;
         Ok(())
     }
 
@@ -746,6 +773,12 @@ impl EngineReplica {
             let expected = self.seq.and_then(|s| s.checked_add(1));
             if expected != Some(h.seq) {
                 return Err(DeltaError::OutOfOrder { expected, got: h.seq });
+            }
+            if h.base_id != self.base_id {
+                return Err(DeltaError::OtherBase {
+                    expected: self.base_id,
+                    got: h.base_id,
+                });
             }
             if h.current < e.current {
                 return mismatch(format!("epoch counter {} behind {}", h.current, e.current));

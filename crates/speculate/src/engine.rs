@@ -23,13 +23,16 @@ pub(crate) enum Item<R = Vec<u8>> {
     /// and the guest's receive-side state was `ack`.
     Spec {
         key: FlowKey,
+        /// The flow's incarnation (`Flow::id`): a flow removed and opened
+        /// again under the same key must not get the old one's items.
+        id: u64,
         data_end: u32,
         fin: bool,
         ack: Option<AckInfo>,
         pure: bool,
     },
     /// The guest reset a speculated flow.
-    Rst { key: FlowKey },
+    Rst { key: FlowKey, id: u64 },
 }
 
 impl<R> Item<R> {
@@ -39,18 +42,20 @@ impl<R> Item<R> {
             Item::Raw(r) => Item::Raw(f(r)),
             Item::Spec {
                 key,
+                id,
                 data_end,
                 fin,
                 ack,
                 pure,
             } => Item::Spec {
                 key: *key,
+                id: *id,
                 data_end: *data_end,
                 fin: *fin,
                 ack: *ack,
                 pure: *pure,
             },
-            Item::Rst { key } => Item::Rst { key: *key },
+            Item::Rst { key, id } => Item::Rst { key: *key, id: *id },
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct Engine {
     pub(crate) global_blocked: bool,
     pub(crate) spec_flows: usize,
     pub(crate) buffered_bytes: u64,
+    /// The next flow incarnation id.
+    pub(crate) next_flow_id: u64,
     pub(crate) stats: Stats,
     /// Where the next checkpoint starts from (not state).
     pub(crate) ckpt: NotState<EngineMark>,
@@ -104,6 +111,7 @@ impl Engine {
             global_blocked: false,
             spec_flows: 0,
             buffered_bytes: 0,
+            next_flow_id: 0,
             stats: Stats::default(),
             ckpt: NotState::default(),
         }
@@ -168,6 +176,60 @@ impl Engine {
                 .flows
                 .values()
                 .all(|f| f.phase != Phase::Established || (f.buf.is_empty() && f.snd_una == f.snd_max))
+    }
+
+    /// Checks the engine's internal consistency (for tests and fuzzing;
+    /// O(flows + held items)): the global counters are the sums of the
+    /// flows' (`bytes_held`, `bytes_reserved`, speculated flows, buffered
+    /// bytes), the pool never exceeds `global_cap` nor the raw frames
+    /// `buffered_cap`, and for every speculated flow the held stream is
+    /// exactly [snd_una, data_end), lies inside the window offered to the
+    /// guest, which is at most `per_flow_budget` (or the window the guest
+    /// learnt during the handshake) beyond snd_una, the sender's pointers
+    /// are ordered and its SACK scoreboard is sorted, disjoint and inside
+    /// [snd_una, snd_max]. Returns the first violation found.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut reserved = 0u64;
+        let mut held = 0u64;
+        let mut spec = 0usize;
+        for f in self.flows.values() {
+            f.check_invariants(&self.cfg)
+                .map_err(|e| format!("flow {:?}: {e}", f.key))?;
+            reserved += f.reserved;
+            held += f.buf.len() as u64;
+            spec += usize::from(f.phase == Phase::Established);
+        }
+        if reserved != self.global_reserved {
+            return Err(format!("global_reserved {} != sum {reserved}", self.global_reserved));
+        }
+        if held != self.global_held {
+            return Err(format!("global_held {} != sum {held}", self.global_held));
+        }
+        if spec != self.spec_flows {
+            return Err(format!("spec_flows {} != {spec} established", self.spec_flows));
+        }
+        if self.global_reserved > self.cfg.global_cap as u64 {
+            return Err(format!(
+                "global_reserved {} above global_cap {}",
+                self.global_reserved, self.cfg.global_cap
+            ));
+        }
+        let raw: u64 = self
+            .current_items
+            .iter()
+            .chain(self.sealed.iter().flat_map(|(_, items)| items))
+            .map(|i| match i {
+                Item::Raw(f) => f.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        if raw != self.buffered_bytes || raw > self.cfg.buffered_cap as u64 {
+            return Err(format!(
+                "buffered_bytes {} (cap {}) != {raw} held raw",
+                self.buffered_bytes, self.cfg.buffered_cap
+            ));
+        }
+        Ok(())
     }
 
     fn ctx(&mut self) -> (Ctx<'_>, &mut FlowTable) {
@@ -292,17 +354,19 @@ impl Engine {
             self.hold(frame);
             return;
         }
-        if seg.has(flags::RST) {
-            self.current_items.push(Item::Rst { key });
-            return;
-        }
         let (mut ctx, flows) = self.ctx();
         let Some(flow) = flows.get_mut(&key) else {
             return;
         };
+        if seg.has(flags::RST) {
+            let id = flow.id;
+            self.current_items.push(Item::Rst { key, id });
+            return;
+        }
         let (ack, pure) = flow.on_guest_segment(&mut ctx, &seg);
         let item = Item::Spec {
             key,
+            id: flow.id,
             data_end: flow.data_end,
             fin: flow.fin,
             ack,
@@ -330,7 +394,9 @@ impl Engine {
                     old.release_all(&mut ctx);
                 }
                 debug!(?key, from_guest, "SYN: tracking flow");
-                let f = Flow::new(key, seg, from_guest, now, &self.cfg);
+                let mut f = Flow::new(key, seg, from_guest, now, &self.cfg);
+                f.id = self.next_flow_id;
+                self.next_flow_id += 1;
                 self.flows.insert(key, f);
             }
         }
@@ -616,6 +682,7 @@ impl Engine {
                     }
                     Item::Spec {
                         key,
+                        id,
                         data_end,
                         fin,
                         ack,
@@ -623,7 +690,7 @@ impl Engine {
                     } => {
                         let (mut ctx, flows) = self.ctx();
                         if let Some(flow) = flows.get_mut(&key) {
-                            if flow.phase == Phase::Established {
+                            if flow.phase == Phase::Established && flow.id == id {
                                 flow.on_commit_item(&mut ctx, now, data_end, fin, ack, pure);
                                 if !flow.touched {
                                     flow.touched = true;
@@ -632,7 +699,7 @@ impl Engine {
                             }
                         }
                     }
-                    Item::Rst { key } => {
+                    Item::Rst { key, id } => {
                         for k in touched.drain(..) {
                             let (mut ctx, flows) = self.ctx();
                             if let Some(flow) = flows.get_mut(&k) {
@@ -642,7 +709,7 @@ impl Engine {
                         }
                         let (mut ctx, flows) = self.ctx();
                         if let Some(flow) = flows.get_mut(&key) {
-                            if flow.phase == Phase::Established {
+                            if flow.phase == Phase::Established && flow.id == id {
                                 flow.on_guest_rst(&mut ctx, now);
                             }
                         }

@@ -208,6 +208,9 @@ pub(crate) struct Ctx<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Flow {
     pub key: FlowKey,
+    /// Incarnation: distinguishes flows opened one after the other under
+    /// the same key (assigned by the engine when tracking starts).
+    pub id: u64,
     pub phase: Phase,
     pub guest_syn: Option<SynInfo>,
     pub peer_syn: Option<SynInfo>,
@@ -325,6 +328,7 @@ impl Flow {
         let syn = SynInfo::from_seg(seg);
         Flow {
             key,
+            id: 0,
             phase: Phase::Handshake,
             guest_syn: from_guest.then_some(syn),
             peer_syn: (!from_guest).then_some(syn),
@@ -407,6 +411,75 @@ impl Flow {
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// See `Engine::check_invariants`.
+    pub(crate) fn check_invariants(&self, cfg: &Config) -> Result<(), String> {
+        if self.phase != Phase::Established {
+            if self.reserved != 0 || !self.buf.is_empty() {
+                return Err(format!(
+                    "{:?} flow holds {} bytes, reserves {}",
+                    self.phase,
+                    self.buf.len(),
+                    self.reserved
+                ));
+            }
+            return Ok(());
+        }
+        let Some(g) = self.guest_syn else {
+            return Err("established without the guest's SYN".into());
+        };
+        let una = self.snd_una;
+        let off = |s: u32| s.wrapping_sub(una);
+        if self.buf.len() as u64 != u64::from(seq::dist(una, self.data_end)) {
+            return Err(format!(
+                "buf {} != data_end - snd_una {}",
+                self.buf.len(),
+                seq::dist(una, self.data_end)
+            ));
+        }
+        if self.reserved != u64::from(seq::dist(una, self.res_edge)) {
+            return Err(format!("reserved {} != res_edge - snd_una", self.reserved));
+        }
+        let wnd = u64::from(seq::dist(una, self.adv_edge));
+        if seq::gt(self.data_end, self.adv_edge) {
+            return Err(format!("data_end beyond the offered edge by {}", off(self.data_end)));
+        }
+        let hs = u64::from(seq::dist(g.isn.wrapping_add(1), self.hs_edge.unwrap_or(una)));
+        // (+1: the ACK of a FIN sent at the window's edge moves the edge
+        // over the FIN's sequence number, which holds no byte.)
+        if wnd > (cfg.per_flow_budget as u64).max(hs) + u64::from(self.fin) {
+            return Err(format!(
+                "offered window {wnd} above budget {} (handshake window {hs})",
+                cfg.per_flow_budget
+            ));
+        }
+        // snd_una <= snd_max <= committed stream end <= speculated end.
+        let (m, c, e) = (
+            off(self.snd_max),
+            off(self.stream_end_committed()),
+            off(self.spec_ack()),
+        );
+        if !(m <= c && c <= e && e < 1 << 31) {
+            return Err(format!(
+                "sender pointers out of order: snd_max +{m} committed +{c} end +{e}"
+            ));
+        }
+        let mut last = 0u32;
+        for &(l, r) in &self.sacked {
+            let (l, r) = (off(l), off(r));
+            if !(last <= l && l < r && r <= m) {
+                return Err(format!(
+                    "SACK scoreboard {:?} (offsets from snd_una {una})",
+                    self.sacked
+                ));
+            }
+            last = r;
+        }
+        if self.cwnd == 0 {
+            return Err("zero cwnd".into());
+        }
+        Ok(())
     }
 
     /// Record what an outer frame passed raw to the guest during the
@@ -939,6 +1012,11 @@ impl Flow {
         }
         self.release_all(ctx);
         self.phase = Phase::Closed;
+        // A guest RST still waiting for the peer's ACK is moot: the flow
+        // was reset (by the peer, or by an abort that reset both sides).
+        // Left pending it was sent again at the linger deadline, and with a
+        // zero time_wait the flow stayed due forever.
+        self.rst_pending = false;
         self.linger = Some(now + ctx.cfg.time_wait);
     }
 

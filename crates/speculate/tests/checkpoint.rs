@@ -914,7 +914,12 @@ fn delta_of_another_engine_is_refused_and_changes_nothing() {
     let d1 = roundtrip(&e.checkpoint());
     let mut r = reps[0].clone();
     let err = r.apply(&d1);
-    assert!(matches!(err, Err(DeltaError::Mismatch(_))), "{err:?}");
+    // Refused for its base (another epoch), or else for its contents (two
+    // engines' bases may carry the same id).
+    assert!(
+        matches!(err, Err(DeltaError::OtherBase { .. } | DeltaError::Mismatch(_))),
+        "{err:?}"
+    );
     assert_eq!(r, reps[0]);
     other.apply(&d1).expect("its own replica");
     // And the other way round.
@@ -981,4 +986,40 @@ proptest! {
             }
         }
     }
+}
+
+/// Fuzzer find: sequence numbers restart at 0 with every base, so a
+/// replica holding an older base applied delta 1 of a newer base it never
+/// received (the base was lost), building a state the primary never had.
+/// Deltas name their base; the replica refuses another base's deltas.
+#[test]
+fn delta_of_a_lost_base_is_refused() {
+    let cfg = Config {
+        mode: Mode::Speculative,
+        ..Config::default()
+    };
+    let mut e = Engine::new(cfg.clone()).expect("valid config");
+    let mut replica = EngineReplica::new();
+    open_flow(&mut e, GPORT0);
+    e.seal_epoch(ms(3));
+    replica.apply(&e.checkpoint()).expect("first base");
+    // The driver re-bases (say a delta was lost); the new base is lost too.
+    e.reset_checkpoint_base();
+    open_flow(&mut e, GPORT0 + 1);
+    e.seal_epoch(ms(4));
+    let lost = e.checkpoint();
+    assert!(lost.is_base());
+    e.seal_epoch(ms(5));
+    let d = e.checkpoint();
+    assert_eq!(d.seq(), 1);
+    let err = replica.apply(&d).expect_err("delta of a base the replica lacks");
+    assert!(matches!(err, DeltaError::OtherBase { .. }), "{err}");
+    assert_eq!(replica.seq(), Some(0), "unchanged");
+    // A new base puts it right.
+    e.reset_checkpoint_base();
+    e.seal_epoch(ms(6));
+    replica.apply(&e.checkpoint()).expect("base");
+    e.seal_epoch(ms(7));
+    replica.apply(&e.checkpoint()).expect("its delta");
+    assert_eq!(engine_diff(&replica.to_engine(cfg).expect("valid config"), &e), None);
 }
