@@ -24,7 +24,9 @@
 //! are checked against the input's (other sequences read from the input
 //! preallocate at most serde's cautious 1 MiB).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +71,12 @@ pub(crate) struct FlowMark {
     /// `pushed` and the held length at the last checkpoint.
     pub ckpt_pushed: u64,
     pub ckpt_len: u64,
+    /// The flow's live entry in the timer heap: never later than its next
+    /// deadline (entries are not moved when a deadline moves later).
+    pub sched: Option<Duration>,
+    /// Mutably accessed since the timers were last synchronised (its key
+    /// is in `Timers::touched`).
+    pub timer_touched: bool,
 }
 
 /// Engine-wide checkpoint marks.
@@ -97,11 +105,27 @@ pub(crate) struct TableMark {
     removed: Vec<FlowKey>,
 }
 
-/// The flow table: a map whose mutable accessors record what changed.
+/// The flows' deadlines: a min-heap with lazy deletion. Every flow with a
+/// deadline has one live entry (`FlowMark::sched`) no later than it; other
+/// entries (of removed flows, or superseded by an earlier one) are stale
+/// and dropped when they reach the top. After `sync`, the top entry is
+/// live and exact: the earliest deadline of all flows.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Timers {
+    heap: BinaryHeap<Reverse<(Duration, FlowKey)>>,
+    /// Flows accessed mutably since the last `sync`.
+    touched: Vec<FlowKey>,
+    /// Flow deadlines evaluated (diagnostics: the cost of timer upkeep).
+    pub work: u64,
+}
+
+/// The flow table: a map whose mutable accessors record what changed (for
+/// checkpoints and for the timer heap).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub(crate) struct FlowTable {
     map: HashMap<FlowKey, Flow>,
     mark: NotState<TableMark>,
+    pub(crate) timers: NotState<Timers>,
 }
 
 /// Flows sorted by key, so that equal engines print the same.
@@ -114,10 +138,14 @@ impl std::fmt::Debug for FlowTable {
 }
 
 impl FlowTable {
-    fn touch(m: &mut TableMark, f: &mut Flow) {
+    fn touch(m: &mut TableMark, t: &mut Timers, f: &mut Flow) {
         if m.track && !f.mark.0.dirty {
             f.mark.0.dirty = true;
             m.dirty.push(f.key);
+        }
+        if !f.mark.0.timer_touched {
+            f.mark.0.timer_touched = true;
+            t.touched.push(f.key);
         }
     }
 
@@ -146,25 +174,26 @@ impl FlowTable {
     /// Mutable access; the flow goes into the next delta.
     pub(crate) fn get_mut(&mut self, k: &FlowKey) -> Option<&mut Flow> {
         let f = self.map.get_mut(k)?;
-        Self::touch(&mut self.mark.0, f);
+        Self::touch(&mut self.mark.0, &mut self.timers.0, f);
         Some(f)
     }
 
     /// Mutable access to the flows matching `pred`; they go into the next delta.
     pub(crate) fn values_mut_where(&mut self, pred: impl Fn(&Flow) -> bool) -> impl Iterator<Item = &mut Flow> {
         let m = &mut self.mark.0;
+        let t = &mut self.timers.0;
         self.map.values_mut().filter_map(move |f| {
             if !pred(f) {
                 return None;
             }
-            Self::touch(m, f);
+            Self::touch(m, t, f);
             Some(f)
         })
     }
 
     pub(crate) fn insert(&mut self, k: FlowKey, mut f: Flow) {
         f.mark = NotState::default();
-        Self::touch(&mut self.mark.0, &mut f);
+        Self::touch(&mut self.mark.0, &mut self.timers.0, &mut f);
         if let Some(old) = self.map.insert(k, f) {
             Self::note_removed(&mut self.mark.0, &old);
         }
@@ -174,6 +203,91 @@ impl FlowTable {
         let f = self.map.remove(k)?;
         Self::note_removed(&mut self.mark.0, &f);
         Some(f)
+    }
+
+    /// Brings the timer heap up to date with the flows touched since the
+    /// last call (O(touched · log n)), then drops stale or early entries
+    /// from its top so that [`FlowTable::next_deadline`] is exact.
+    pub(crate) fn sync_timers(&mut self, cfg: &Config) {
+        let t = &mut self.timers.0;
+        for k in t.touched.drain(..) {
+            let Some(f) = self.map.get_mut(&k) else {
+                continue;
+            };
+            f.mark.0.timer_touched = false;
+            t.work += 1;
+            if let Some(d) = f.next_deadline(cfg) {
+                if f.mark.0.sched.is_none_or(|s| d < s) {
+                    f.mark.0.sched = Some(d);
+                    t.heap.push(Reverse((d, k)));
+                }
+            }
+        }
+        while let Some(&Reverse((s, k))) = t.heap.peek() {
+            let Some(f) = self.map.get_mut(&k).filter(|f| f.mark.0.sched == Some(s)) else {
+                t.heap.pop();
+                continue;
+            };
+            t.work += 1;
+            let d = f.next_deadline(cfg);
+            if d == Some(s) {
+                break;
+            }
+            // The deadline moved later (or went): re-file the flow.
+            t.heap.pop();
+            f.mark.0.sched = d;
+            if let Some(d) = d {
+                t.heap.push(Reverse((d, k)));
+            }
+        }
+        // Stale entries are dropped only when they reach the top: rebuild
+        // when they outnumber the live ones (amortised O(1) per push).
+        if t.heap.len() > 2 * self.map.len() + 64 {
+            self.rebuild_timers(cfg);
+        }
+    }
+
+    /// Rebuilds the timer heap from all flows (O(n); after a failover, and
+    /// to drop stale entries).
+    pub(crate) fn rebuild_timers(&mut self, cfg: &Config) {
+        let t = &mut self.timers.0;
+        t.touched.clear();
+        let mut v = Vec::with_capacity(self.map.len());
+        for (k, f) in &mut self.map {
+            t.work += 1;
+            f.mark.0.timer_touched = false;
+            f.mark.0.sched = f.next_deadline(cfg);
+            if let Some(d) = f.mark.0.sched {
+                v.push(Reverse((d, *k)));
+            }
+        }
+        t.heap = BinaryHeap::from(v);
+    }
+
+    /// The earliest deadline of all flows (exact after `sync_timers`).
+    pub(crate) fn next_deadline(&self) -> Option<Duration> {
+        self.timers.0.heap.peek().map(|Reverse((d, _))| *d)
+    }
+
+    /// Removes the live heap entries due at `now` and returns their flows
+    /// (which may turn out not to be due: their deadline moved later).
+    pub(crate) fn pop_due(&mut self, now: Duration) -> Vec<FlowKey> {
+        let t = &mut self.timers.0;
+        let mut due = Vec::new();
+        while let Some(&Reverse((s, k))) = t.heap.peek() {
+            if s > now {
+                break;
+            }
+            t.heap.pop();
+            t.work += 1;
+            if let Some(f) = self.map.get_mut(&k) {
+                if f.mark.0.sched == Some(s) {
+                    f.mark.0.sched = None;
+                    due.push(k);
+                }
+            }
+        }
+        due
     }
 }
 
@@ -856,6 +970,7 @@ impl EngineReplica {
         e.cfg = cfg;
         e.out.clear();
         e.reset_checkpoint_base();
+        e.flows.rebuild_timers(&e.cfg);
         e
     }
 }

@@ -187,17 +187,35 @@ impl Engine {
     /// guest, which is at most `per_flow_budget` (or the window the guest
     /// learnt during the handshake) beyond snd_una, the sender's pointers
     /// are ordered and its SACK scoreboard is sorted, disjoint and inside
-    /// [snd_una, snd_max]. Returns the first violation found.
+    /// [snd_una, snd_max]; the timer heap files every flow's deadline and
+    /// `poll_timeout` is the earliest of them. Returns the first violation
+    /// found.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut reserved = 0u64;
         let mut held = 0u64;
         let mut spec = 0usize;
+        let mut earliest: Option<Duration> = None;
         for f in self.flows.values() {
             f.check_invariants(&self.cfg)
                 .map_err(|e| format!("flow {:?}: {e}", f.key))?;
+            if let Some(d) = f.next_deadline(&self.cfg) {
+                earliest = Some(earliest.map_or(d, |e| e.min(d)));
+                if f.mark.0.sched.is_none_or(|s| s > d) {
+                    return Err(format!(
+                        "flow {:?}: deadline {d:?} filed at {:?} in the timer heap",
+                        f.key, f.mark.0.sched
+                    ));
+                }
+            }
             reserved += f.reserved;
             held += f.buf.len() as u64;
             spec += usize::from(f.phase == Phase::Established);
+        }
+        if earliest != self.poll_timeout() {
+            return Err(format!(
+                "poll_timeout {:?} but the earliest deadline is {earliest:?}",
+                self.poll_timeout()
+            ));
         }
         if reserved != self.global_reserved {
             return Err(format!("global_reserved {} != sum {reserved}", self.global_reserved));
@@ -293,6 +311,11 @@ impl Engine {
     /// A frame from the guest (checksums complete or not needed: the guest
     /// side is trusted and not verified).
     pub fn handle_inner(&mut self, now: Duration, frame: &[u8]) {
+        self.inner_frame(now, frame);
+        self.flows.sync_timers(&self.cfg);
+    }
+
+    fn inner_frame(&mut self, now: Duration, frame: &[u8]) {
         self.stats.inner_frames += 1;
         match self.cfg.mode {
             Mode::Direct => {
@@ -331,6 +354,7 @@ impl Engine {
                 self.hold(frame);
                 return;
             };
+            flow.last_activity = now;
             speculate = match flow.phase {
                 Phase::Handshake => {
                     if seg.has(flags::RST) {
@@ -446,6 +470,11 @@ impl Engine {
     }
 
     fn handle_outer_inner(&mut self, now: Duration, frame: &[u8], verify: bool) {
+        self.outer_frame(now, frame, verify);
+        self.flows.sync_timers(&self.cfg);
+    }
+
+    fn outer_frame(&mut self, now: Duration, frame: &[u8], verify: bool) {
         self.stats.outer_frames += 1;
         if self.cfg.mode != Mode::Speculative {
             self.pass_inner(frame);
@@ -571,6 +600,7 @@ impl Engine {
         let Some(flow) = flows.get_mut(&key) else {
             return;
         };
+        flow.last_activity = now;
         if seg.has(flags::RST) {
             if flow.peer_rst_valid(seg) {
                 debug!(?key, "peer RST: closing flow");
@@ -725,6 +755,7 @@ impl Engine {
             }
         }
         self.after_release(now, before);
+        self.flows.sync_timers(&self.cfg);
     }
 
     /// Resume a checkpointed engine on the backup after a failover.
@@ -743,6 +774,7 @@ impl Engine {
         for f in flows.values_mut_where(|_| true) {
             f.resume_after_failover(&mut ctx, now);
         }
+        self.flows.rebuild_timers(&self.cfg);
     }
 
     // -------------------------------------------------------------------
@@ -758,31 +790,52 @@ impl Engine {
         self.out.len()
     }
 
-    /// When [`Engine::handle_timeout`] should next be called.
+    /// When [`Engine::handle_timeout`] should next be called: the earliest
+    /// deadline of all flows, from a heap (O(1)).
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.flows.values().filter_map(|f| f.next_deadline()).min()
+        self.flows.next_deadline()
     }
 
-    /// Run the timers that are due.
+    /// Flow deadlines evaluated so far to keep the timer heap up to date
+    /// (diagnostics: timer upkeep costs O(flows touched + timers expired),
+    /// never a scan of all flows, except once after a failover).
+    pub fn timer_work(&self) -> u64 {
+        self.flows.timers.0.work
+    }
+
+    /// Run the timers that are due: O(expired · log n).
     pub fn handle_timeout(&mut self, now: Duration) {
         let before = self.global_reserved;
-        let due: Vec<FlowKey> = self
-            .flows
-            .values()
-            .filter(|f| f.next_deadline().is_some_and(|d| d <= now))
-            .map(|f| f.key)
-            .collect();
-        for key in due {
+        for key in self.flows.pop_due(now) {
             let remove = {
                 let (mut ctx, flows) = self.ctx();
+                // Mutable access re-files the flow's next deadline.
                 let Some(flow) = flows.get_mut(&key) else {
                     continue;
                 };
+                if flow.next_deadline(ctx.cfg).is_none_or(|d| d > now) {
+                    // Its deadline moved later since it was filed.
+                    continue;
+                }
                 flow.on_timeout(&mut ctx, now);
                 let expired = flow.linger.is_some_and(|d| d <= now) && !flow.rst_pending;
                 match flow.phase {
                     Phase::Closed | Phase::Handshake | Phase::Fallback => expired,
-                    Phase::Established => false,
+                    Phase::Established => {
+                        if flow.idle_deadline(ctx.cfg).is_some_and(|d| d <= now) {
+                            if flow.forgettable() {
+                                debug!(?key, "idle flow forgotten");
+                                *ctx.spec_flows = ctx.spec_flows.saturating_sub(1);
+                                true
+                            } else {
+                                debug!(?key, "idle flow: reservation released");
+                                flow.idle_release(&mut ctx, now);
+                                false
+                            }
+                        } else {
+                            false
+                        }
+                    }
                 }
             };
             if remove {
@@ -793,6 +846,7 @@ impl Engine {
             }
         }
         self.after_release(now, before);
+        self.flows.sync_timers(&self.cfg);
     }
 }
 

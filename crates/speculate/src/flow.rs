@@ -311,6 +311,8 @@ pub(crate) struct Flow {
     /// Closed/handshake expiry, or the deadline of a pending guest RST.
     pub linger: Option<Duration>,
     pub rst_pending: bool,
+    /// The last frame of the flow from either side (idle timeout).
+    pub last_activity: Duration,
     /// In the touched list of a commit being processed.
     pub touched: bool,
     /// Checkpoint bookkeeping (not state: ignored by `==`, not serialised).
@@ -391,6 +393,7 @@ impl Flow {
             probes_out: 0,
             linger: Some(now + cfg.handshake_timeout),
             rst_pending: false,
+            last_activity: now,
             touched: false,
             mark: NotState::default(),
         }
@@ -406,11 +409,44 @@ impl Flow {
         self.committed_end.wrapping_add(u32::from(self.committed_fin))
     }
 
-    pub(crate) fn next_deadline(&self) -> Option<Duration> {
-        [self.rto_deadline, self.persist_deadline, self.linger, self.tlp_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+    pub(crate) fn next_deadline(&self, cfg: &Config) -> Option<Duration> {
+        [
+            self.rto_deadline,
+            self.persist_deadline,
+            self.linger,
+            self.tlp_deadline,
+            self.idle_deadline(cfg),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When an established flow counts as idle (no frame since).
+    pub(crate) fn idle_deadline(&self, cfg: &Config) -> Option<Duration> {
+        (self.phase == Phase::Established && !cfg.idle_timeout.is_zero())
+            .then(|| self.last_activity.saturating_add(cfg.idle_timeout))
+    }
+
+    /// An idle flow that holds nothing and owes nothing: it may be
+    /// forgotten (both directions acknowledged and committed, no reset
+    /// pending).
+    pub(crate) fn forgettable(&self) -> bool {
+        self.buf.is_empty()
+            && self.snd_una == self.snd_max
+            && self.snd_max == self.stream_end_committed()
+            && self.committed_end == self.data_end
+            && self.committed_fin == self.fin
+            && !self.rst_pending
+    }
+
+    /// The idle timeout of a flow that still holds bytes: give the
+    /// reservation back (the bytes stay, held under output commit) and
+    /// look again one idle period later.
+    pub(crate) fn idle_release(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        self.res_edge = self.snd_una;
+        self.set_reserved(ctx);
+        self.last_activity = now;
     }
 
     /// See `Engine::check_invariants`.
@@ -965,6 +1001,7 @@ impl Flow {
         ack: Option<AckInfo>,
         pure: bool,
     ) {
+        self.last_activity = now;
         if seq::gt(data_end, self.committed_end) {
             self.committed_end = data_end;
         }
@@ -1722,9 +1759,15 @@ impl Flow {
 
     pub(crate) fn resume_after_failover(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
         let cfg = ctx.cfg;
+        // Every time is re-based on the new host's clock.
+        self.last_activity = now;
         self.rtt_probe = None;
         self.rto_deadline = None;
         self.persist_deadline = None;
+        self.tlp_deadline = None;
+        self.tlp_sent = false;
+        self.retx_log.clear();
+        self.cubic.epoch_start = None;
         self.persist_backoff = 0;
         self.retries = 0;
         self.probes_out = 0;

@@ -152,6 +152,12 @@ pub struct Config {
     /// acknowledged, how long the engine keeps delivering before sending
     /// the reset anyway.
     pub rst_linger: Duration,
+    /// An established flow without any frame from either side for this
+    /// long gives its reservation back to the pool, and is forgotten when
+    /// it holds nothing (later frames of it pass as for an unknown flow:
+    /// under output commit toward the peer, unchanged toward the guest).
+    /// `Duration::ZERO` disables it.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Config {
@@ -173,6 +179,7 @@ impl Default for Config {
             time_wait: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(75),
             rst_linger: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -217,7 +224,8 @@ impl Config {
     /// than zero where a zero would re-fire at once (RTOs, handshake
     /// timeout), `min_rto <= max_rto`, `initial_rto <= max_rto`, and every
     /// duration at most [`MAX_CONFIG_DURATION`]. `max_flows` 0 (nothing
-    /// speculated), `time_wait` 0 and `rst_linger` 0 are allowed.
+    /// speculated), `time_wait` 0, `rst_linger` 0 and `idle_timeout` 0
+    /// (disabled) are allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn range(field: &'static str, got: usize, min: usize, max: usize) -> Result<(), ConfigError> {
             let got = got as u64;
@@ -262,6 +270,7 @@ impl Config {
         duration("time_wait", self.time_wait, false)?;
         duration("handshake_timeout", self.handshake_timeout, true)?;
         duration("rst_linger", self.rst_linger, false)?;
+        duration("idle_timeout", self.idle_timeout, false)?;
         if self.min_rto > self.max_rto {
             return Err(ConfigError::RtoBounds {
                 min_rto: self.min_rto,

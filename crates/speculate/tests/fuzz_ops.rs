@@ -63,7 +63,7 @@ fn input(rng: &mut Rng) -> Vec<u8> {
         9, 9, 10, 11, 12, 13, 14, 15, 15, 16, 17, 18, 21, 21, 22, 20, 23, 24, 25, 26, 27, 4, 5, 29, 19, 28, 30, 31, 0,
         2, 6, 7, 8,
     ];
-    let n = rng.below(120);
+    let n = rng.below(400);
     for _ in 0..n {
         let op = OPS[rng.below(OPS.len() as u64) as usize];
         let flow = rng.below(u64::from(nflows)) as u8;
@@ -80,9 +80,30 @@ fn seeded_structured_fuzz() {
         .unwrap_or(20_000);
     let mut rng = Rng(0x5eed_f00d_cafe_d00d);
     let t0 = Instant::now();
+    let (mut refused, mut ops, mut failovers) = (0, 0, 0);
+    let mut total = remora_speculate::Stats::default();
     for k in 0..n {
         let data = input(&mut rng);
-        if let Err(e) = fuzzops::run(&data) {
+        let r = fuzzops::run_harness(&data);
+        if let Ok(h) = &r {
+            let Some(h) = h else {
+                refused += 1;
+                continue;
+            };
+            ops += h.ops;
+            failovers += h.failovers;
+            let s = h.engine.stats();
+            total.segments_sent += s.segments_sent;
+            total.spec_acks += s.spec_acks;
+            total.retransmits += s.retransmits;
+            total.fast_recoveries += s.fast_recoveries;
+            total.tail_probes += s.tail_probes;
+            total.timeouts += s.timeouts;
+            total.zero_window_probes += s.zero_window_probes;
+            total.aborted_flows += s.aborted_flows;
+            total.window_updates += s.window_updates;
+        }
+        if let Err(e) = r {
             let dir = std::env::temp_dir().join("remora-fuzz-ops");
             let _ = std::fs::create_dir_all(&dir);
             let path = dir.join(format!("input-{k}.bin"));
@@ -94,7 +115,16 @@ fn seeded_structured_fuzz() {
             );
         }
     }
-    eprintln!("{n} inputs in {:?}", t0.elapsed());
+    eprintln!(
+        "{n} inputs ({refused} configs refused, {ops} ops, {failovers} failovers) in {:?}; engine totals: {total:?}",
+        t0.elapsed()
+    );
+    // The inputs reach deep states (not just handshakes and garbage).
+    assert!(
+        total.fast_recoveries > 0 && total.tail_probes > 0 && total.timeouts > 0,
+        "{total:?}"
+    );
+    assert!(failovers > 0 && total.window_updates > 0, "{total:?}");
 }
 
 /// Replays one input file with a trace of every operation:

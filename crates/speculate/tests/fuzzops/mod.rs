@@ -105,6 +105,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
             time_wait: Duration::from_micros(inp.u64() % (1 << 40)),
             handshake_timeout: Duration::from_micros(inp.u64() % (1 << 40)),
             rst_linger: Duration::from_micros(inp.u64() % (1 << 40)),
+            idle_timeout: Duration::from_micros(inp.u64() % (1 << 40)),
         };
     }
     let mode = match sel >> 6 {
@@ -133,6 +134,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
         time_wait: inp.pick(&[Duration::ZERO, ms(1), ms(1000)]),
         handshake_timeout: inp.pick(&[ms(1), Duration::from_secs(75)]),
         rst_linger: inp.pick(&[Duration::ZERO, Duration::from_secs(5)]),
+        idle_timeout: inp.pick(&[Duration::from_secs(300), Duration::ZERO, ms(50), ms(1)]),
     }
 }
 
@@ -919,10 +921,16 @@ pub const RECORD_LEN: usize = 40;
 
 /// Runs one input: `Err` describes the first violated invariant.
 pub fn run(data: &[u8]) -> Result<(), String> {
+    run_harness(data).map(drop)
+}
+
+/// [`run`], returning the harness at the end (`None`: the configuration
+/// was refused).
+pub fn run_harness(data: &[u8]) -> Result<Option<Harness>, String> {
     let (head, ops) = data.split_at(data.len().min(CONFIG_LEN));
     let cfg = decode_config(&mut Input::new(head));
     let Some(mut h) = Harness::new(cfg) else {
-        return Ok(());
+        return Ok(None);
     };
     let trace = TRACE.load(std::sync::atomic::Ordering::Relaxed);
     if trace {
@@ -950,5 +958,5 @@ pub fn run(data: &[u8]) -> Result<(), String> {
         }
         r.map_err(|e| format!("op {} ({}): {e}", h.ops, rec[0] % 32))?;
     }
-    Ok(())
+    Ok(Some(h))
 }
