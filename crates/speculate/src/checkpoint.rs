@@ -113,10 +113,76 @@ pub(crate) struct TableMark {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Timers {
     heap: BinaryHeap<Reverse<(Duration, FlowKey)>>,
-    /// Flows accessed mutably since the last `sync`.
+    /// Flows accessed mutably (other than through `FlowMut`) since the
+    /// last `sync`.
     touched: Vec<FlowKey>,
+    /// The flow re-filed last, if its entry is exact: the top needs no
+    /// lookup of it (the common case of one busy flow).
+    exact: Option<(Duration, FlowKey)>,
+    /// `Config::idle_timeout` (part of every established flow's deadline).
+    pub idle: Duration,
     /// Flow deadlines evaluated (diagnostics: the cost of timer upkeep).
     pub work: u64,
+}
+
+impl Timers {
+    /// Files a flow's deadline after a change: an earlier deadline gets a
+    /// new entry; a later one (or none) re-files the flow at once only if
+    /// its entry is the top, else when that entry reaches the top.
+    fn refile(&mut self, f: &mut Flow) {
+        self.work += 1;
+        let k = f.key;
+        let d = f.next_deadline(self.idle);
+        let m = &mut f.mark.0;
+        match (d, m.sched) {
+            (Some(d), s) if s.is_none_or(|s| d < s) => {
+                m.sched = Some(d);
+                self.heap.push(Reverse((d, k)));
+            }
+            (d, Some(s)) if d != Some(s) && self.heap.peek() == Some(&Reverse((s, k))) => {
+                self.heap.pop();
+                m.sched = d;
+                if let Some(d) = d {
+                    self.heap.push(Reverse((d, k)));
+                }
+            }
+            _ => {}
+        }
+        self.exact = d.filter(|d| m.sched == Some(*d)).map(|d| (d, k));
+    }
+
+    /// A flow leaves the table (or is replaced): its entries become stale.
+    fn forget(&mut self, k: &FlowKey) {
+        if self.exact.is_some_and(|(_, e)| e == *k) {
+            self.exact = None;
+        }
+    }
+}
+
+/// Mutable access to a flow; its deadline is re-filed in the timer heap
+/// when the access ends (no second lookup of the flow).
+pub(crate) struct FlowMut<'a> {
+    flow: &'a mut Flow,
+    timers: &'a mut Timers,
+}
+
+impl std::ops::Deref for FlowMut<'_> {
+    type Target = Flow;
+    fn deref(&self) -> &Flow {
+        self.flow
+    }
+}
+
+impl std::ops::DerefMut for FlowMut<'_> {
+    fn deref_mut(&mut self) -> &mut Flow {
+        self.flow
+    }
+}
+
+impl Drop for FlowMut<'_> {
+    fn drop(&mut self) {
+        self.timers.refile(self.flow);
+    }
 }
 
 /// The flow table: a map whose mutable accessors record what changed (for
@@ -138,11 +204,15 @@ impl std::fmt::Debug for FlowTable {
 }
 
 impl FlowTable {
-    fn touch(m: &mut TableMark, t: &mut Timers, f: &mut Flow) {
+    fn touch_ckpt(m: &mut TableMark, f: &mut Flow) {
         if m.track && !f.mark.0.dirty {
             f.mark.0.dirty = true;
             m.dirty.push(f.key);
         }
+    }
+
+    fn touch(m: &mut TableMark, t: &mut Timers, f: &mut Flow) {
+        Self::touch_ckpt(m, f);
         if !f.mark.0.timer_touched {
             f.mark.0.timer_touched = true;
             t.touched.push(f.key);
@@ -171,11 +241,15 @@ impl FlowTable {
         self.map.values()
     }
 
-    /// Mutable access; the flow goes into the next delta.
-    pub(crate) fn get_mut(&mut self, k: &FlowKey) -> Option<&mut Flow> {
+    /// Mutable access; the flow goes into the next delta, and its
+    /// deadline is re-filed when the access ends.
+    pub(crate) fn get_mut(&mut self, k: &FlowKey) -> Option<FlowMut<'_>> {
         let f = self.map.get_mut(k)?;
-        Self::touch(&mut self.mark.0, &mut self.timers.0, f);
-        Some(f)
+        Self::touch_ckpt(&mut self.mark.0, f);
+        Some(FlowMut {
+            flow: f,
+            timers: &mut self.timers.0,
+        })
     }
 
     /// Mutable access to the flows matching `pred`; they go into the next delta.
@@ -193,6 +267,7 @@ impl FlowTable {
 
     pub(crate) fn insert(&mut self, k: FlowKey, mut f: Flow) {
         f.mark = NotState::default();
+        self.timers.0.forget(&k);
         Self::touch(&mut self.mark.0, &mut self.timers.0, &mut f);
         if let Some(old) = self.map.insert(k, f) {
             Self::note_removed(&mut self.mark.0, &old);
@@ -202,6 +277,7 @@ impl FlowTable {
     pub(crate) fn remove(&mut self, k: &FlowKey) -> Option<Flow> {
         let f = self.map.remove(k)?;
         Self::note_removed(&mut self.mark.0, &f);
+        self.timers.0.forget(k);
         Some(f)
     }
 
@@ -210,27 +286,26 @@ impl FlowTable {
     /// from its top so that [`FlowTable::next_deadline`] is exact.
     pub(crate) fn sync_timers(&mut self, cfg: &Config) {
         let t = &mut self.timers.0;
-        for k in t.touched.drain(..) {
-            let Some(f) = self.map.get_mut(&k) else {
-                continue;
-            };
-            f.mark.0.timer_touched = false;
-            t.work += 1;
-            if let Some(d) = f.next_deadline(cfg) {
-                if f.mark.0.sched.is_none_or(|s| d < s) {
-                    f.mark.0.sched = Some(d);
-                    t.heap.push(Reverse((d, k)));
-                }
+        let mut touched = std::mem::take(&mut t.touched);
+        for k in touched.drain(..) {
+            if let Some(f) = self.map.get_mut(&k) {
+                f.mark.0.timer_touched = false;
+                t.refile(f);
             }
         }
+        t.touched = touched;
         while let Some(&Reverse((s, k))) = t.heap.peek() {
+            if t.exact == Some((s, k)) {
+                break;
+            }
             let Some(f) = self.map.get_mut(&k).filter(|f| f.mark.0.sched == Some(s)) else {
                 t.heap.pop();
                 continue;
             };
             t.work += 1;
-            let d = f.next_deadline(cfg);
+            let d = f.next_deadline(t.idle);
             if d == Some(s) {
+                t.exact = Some((s, k));
                 break;
             }
             // The deadline moved later (or went): re-file the flow.
@@ -252,11 +327,13 @@ impl FlowTable {
     pub(crate) fn rebuild_timers(&mut self, cfg: &Config) {
         let t = &mut self.timers.0;
         t.touched.clear();
+        t.exact = None;
+        t.idle = cfg.idle_timeout;
         let mut v = Vec::with_capacity(self.map.len());
         for (k, f) in &mut self.map {
             t.work += 1;
             f.mark.0.timer_touched = false;
-            f.mark.0.sched = f.next_deadline(cfg);
+            f.mark.0.sched = f.next_deadline(t.idle);
             if let Some(d) = f.mark.0.sched {
                 v.push(Reverse((d, *k)));
             }

@@ -99,9 +99,11 @@ impl Engine {
     /// An engine with a configuration known to be valid (or a placeholder
     /// never used to process anything).
     pub(crate) fn new_unchecked(cfg: Config) -> Self {
+        let mut flows = FlowTable::default();
+        flows.timers.0.idle = cfg.idle_timeout;
         Engine {
             cfg,
-            flows: FlowTable::default(),
+            flows,
             current: 0,
             current_items: Vec::new(),
             sealed: VecDeque::new(),
@@ -198,7 +200,7 @@ impl Engine {
         for f in self.flows.values() {
             f.check_invariants(&self.cfg)
                 .map_err(|e| format!("flow {:?}: {e}", f.key))?;
-            if let Some(d) = f.next_deadline(&self.cfg) {
+            if let Some(d) = f.next_deadline(self.cfg.idle_timeout) {
                 earliest = Some(earliest.map_or(d, |e| e.min(d)));
                 if f.mark.0.sched.is_none_or(|s| s > d) {
                     return Err(format!(
@@ -346,58 +348,51 @@ impl Engine {
             self.hold(frame);
             return;
         }
-        let speculate;
-        {
+        // One lookup of the flow for the whole frame (on the hot path).
+        let item = {
             let (mut ctx, flows) = self.ctx();
-            let Some(flow) = flows.get_mut(&key) else {
-                self.stats.fallback_frames += 1;
-                self.hold(frame);
-                return;
-            };
-            flow.last_activity = now;
-            speculate = match flow.phase {
-                Phase::Handshake => {
-                    if seg.has(flags::RST) {
-                        flow.phase = Phase::Closed;
-                        false
+            match flows.get_mut(&key) {
+                None => None,
+                Some(mut flow) => {
+                    flow.last_activity = now;
+                    let speculate = match flow.phase {
+                        Phase::Handshake => {
+                            if seg.has(flags::RST) {
+                                flow.phase = Phase::Closed;
+                                false
+                            } else {
+                                Self::guest_handshake(&mut ctx, &mut flow, &seg)
+                            }
+                        }
+                        Phase::Established => true,
+                        Phase::Fallback | Phase::Closed => false,
+                    };
+                    if !speculate || seg.has(flags::SYN) {
+                        None
+                    } else if seg.has(flags::RST) {
+                        Some(Item::Rst { key, id: flow.id })
                     } else {
-                        Self::guest_handshake(&mut ctx, flow, &seg)
+                        let (ack, pure) = flow.on_guest_segment(&mut ctx, &seg);
+                        trace!(?key, data_end = flow.data_end, pure, "guest segment speculated");
+                        Some(Item::Spec {
+                            key,
+                            id: flow.id,
+                            data_end: flow.data_end,
+                            fin: flow.fin,
+                            ack,
+                            pure,
+                        })
                     }
                 }
-                Phase::Established => true,
-                Phase::Fallback | Phase::Closed => false,
-            };
-        }
-        if !speculate {
-            self.stats.fallback_frames += 1;
-            self.hold(frame);
-            return;
-        }
-        if seg.has(flags::SYN) {
-            self.stats.fallback_frames += 1;
-            self.hold(frame);
-            return;
-        }
-        let (mut ctx, flows) = self.ctx();
-        let Some(flow) = flows.get_mut(&key) else {
-            return;
+            }
         };
-        if seg.has(flags::RST) {
-            let id = flow.id;
-            self.current_items.push(Item::Rst { key, id });
-            return;
+        match item {
+            Some(item) => self.current_items.push(item),
+            None => {
+                self.stats.fallback_frames += 1;
+                self.hold(frame);
+            }
         }
-        let (ack, pure) = flow.on_guest_segment(&mut ctx, &seg);
-        let item = Item::Spec {
-            key,
-            id: flow.id,
-            data_end: flow.data_end,
-            fin: flow.fin,
-            ack,
-            pure,
-        };
-        trace!(?key, data_end = flow.data_end, pure, "guest segment speculated");
-        self.current_items.push(item);
     }
 
     /// A SYN (without ACK) from the guest (`from_guest`) or the peer:
@@ -489,7 +484,8 @@ impl Engine {
             }
         };
         let key = FlowKey::from_outer(&seg);
-        let tracked = self.flows.contains_key(&key);
+        let phase = self.flows.get(&key).map(|f| f.phase);
+        let tracked = phase.is_some();
         let is_syn = seg.has(flags::SYN) && !seg.has(flags::ACK) && !seg.has(flags::RST);
         if (tracked || is_syn) && verify && !wire::verify_checksums(frame, &seg) {
             self.stats.bad_checksum_drops += 1;
@@ -500,25 +496,22 @@ impl Engine {
             self.pass_inner(frame);
             return;
         }
-        let phase = match self.flows.get(&key) {
-            None => {
-                self.stats.fallback_frames += 1;
-                self.pass_inner(frame);
-                return;
-            }
-            Some(f) => f.phase,
+        let Some(phase) = phase else {
+            self.stats.fallback_frames += 1;
+            self.pass_inner(frame);
+            return;
         };
         match phase {
             Phase::Handshake => {
                 let established = {
                     let (mut ctx, flows) = self.ctx();
                     match flows.get_mut(&key) {
-                        Some(flow) => Self::peer_handshake(&mut ctx, flow, &seg),
+                        Some(mut flow) => Self::peer_handshake(&mut ctx, &mut flow, &seg),
                         None => false,
                     }
                 };
                 if !established {
-                    if let Some(flow) = self.flows.get_mut(&key) {
+                    if let Some(mut flow) = self.flows.get_mut(&key) {
                         if seg.has(flags::RST) {
                             flow.phase = Phase::Closed;
                         } else {
@@ -529,7 +522,7 @@ impl Engine {
                     self.pass_inner(frame);
                     return;
                 }
-                if let Some(flow) = self.flows.get_mut(&key) {
+                if let Some(mut flow) = self.flows.get_mut(&key) {
                     flow.init_committed_from_syn();
                 }
                 self.peer_established(now, key, frame, &seg);
@@ -551,7 +544,7 @@ impl Engine {
                     return;
                 }
                 let f = match self.flows.get_mut(&key) {
-                    Some(flow) if flow.guest_seen_ack.is_some() && seg.has(flags::ACK) && !seg.has(flags::RST) => {
+                    Some(mut flow) if flow.guest_seen_ack.is_some() && seg.has(flags::ACK) && !seg.has(flags::RST) => {
                         flow.rewrite_closed(frame, &seg)
                     }
                     _ => frame.to_vec(),
@@ -597,7 +590,7 @@ impl Engine {
     fn peer_established(&mut self, now: Duration, key: FlowKey, frame: &[u8], seg: &Segment<'_>) {
         let blocked_before = self.global_reserved;
         let (mut ctx, flows) = self.ctx();
-        let Some(flow) = flows.get_mut(&key) else {
+        let Some(mut flow) = flows.get_mut(&key) else {
             return;
         };
         flow.last_activity = now;
@@ -611,6 +604,7 @@ impl Engine {
                     gso_size: None,
                 });
             }
+            drop(flow);
             self.after_release(now, blocked_before);
             return;
         }
@@ -652,6 +646,7 @@ impl Engine {
             // The peer may have acknowledged the last of a closing flow.
             flow.check_done(now, &mut ctx);
         }
+        drop(flow);
         self.after_release(now, blocked_before);
     }
 
@@ -719,7 +714,7 @@ impl Engine {
                         pure,
                     } => {
                         let (mut ctx, flows) = self.ctx();
-                        if let Some(flow) = flows.get_mut(&key) {
+                        if let Some(mut flow) = flows.get_mut(&key) {
                             if flow.phase == Phase::Established && flow.id == id {
                                 flow.on_commit_item(&mut ctx, now, data_end, fin, ack, pure);
                                 if !flow.touched {
@@ -732,13 +727,13 @@ impl Engine {
                     Item::Rst { key, id } => {
                         for k in touched.drain(..) {
                             let (mut ctx, flows) = self.ctx();
-                            if let Some(flow) = flows.get_mut(&k) {
+                            if let Some(mut flow) = flows.get_mut(&k) {
                                 flow.touched = false;
                                 flow.after_commit(&mut ctx, now);
                             }
                         }
                         let (mut ctx, flows) = self.ctx();
-                        if let Some(flow) = flows.get_mut(&key) {
+                        if let Some(mut flow) = flows.get_mut(&key) {
                             if flow.phase == Phase::Established && flow.id == id {
                                 flow.on_guest_rst(&mut ctx, now);
                             }
@@ -749,7 +744,7 @@ impl Engine {
         }
         for k in touched {
             let (mut ctx, flows) = self.ctx();
-            if let Some(flow) = flows.get_mut(&k) {
+            if let Some(mut flow) = flows.get_mut(&k) {
                 flow.touched = false;
                 flow.after_commit(&mut ctx, now);
             }
@@ -810,10 +805,10 @@ impl Engine {
             let remove = {
                 let (mut ctx, flows) = self.ctx();
                 // Mutable access re-files the flow's next deadline.
-                let Some(flow) = flows.get_mut(&key) else {
+                let Some(mut flow) = flows.get_mut(&key) else {
                     continue;
                 };
-                if flow.next_deadline(ctx.cfg).is_none_or(|d| d > now) {
+                if flow.next_deadline(ctx.cfg.idle_timeout).is_none_or(|d| d > now) {
                     // Its deadline moved later since it was filed.
                     continue;
                 }
@@ -822,7 +817,7 @@ impl Engine {
                 match flow.phase {
                     Phase::Closed | Phase::Handshake | Phase::Fallback => expired,
                     Phase::Established => {
-                        if flow.idle_deadline(ctx.cfg).is_some_and(|d| d <= now) {
+                        if flow.idle_deadline(ctx.cfg.idle_timeout).is_some_and(|d| d <= now) {
                             if flow.forgettable() {
                                 debug!(?key, "idle flow forgotten");
                                 *ctx.spec_flows = ctx.spec_flows.saturating_sub(1);

@@ -409,13 +409,14 @@ impl Flow {
         self.committed_end.wrapping_add(u32::from(self.committed_fin))
     }
 
-    pub(crate) fn next_deadline(&self, cfg: &Config) -> Option<Duration> {
+    /// The earliest of the flow's deadlines (`idle`: `Config::idle_timeout`).
+    pub(crate) fn next_deadline(&self, idle: Duration) -> Option<Duration> {
         [
             self.rto_deadline,
             self.persist_deadline,
             self.linger,
             self.tlp_deadline,
-            self.idle_deadline(cfg),
+            self.idle_deadline(idle),
         ]
         .into_iter()
         .flatten()
@@ -423,9 +424,8 @@ impl Flow {
     }
 
     /// When an established flow counts as idle (no frame since).
-    pub(crate) fn idle_deadline(&self, cfg: &Config) -> Option<Duration> {
-        (self.phase == Phase::Established && !cfg.idle_timeout.is_zero())
-            .then(|| self.last_activity.saturating_add(cfg.idle_timeout))
+    pub(crate) fn idle_deadline(&self, idle: Duration) -> Option<Duration> {
+        (self.phase == Phase::Established && !idle.is_zero()).then(|| self.last_activity.saturating_add(idle))
     }
 
     /// An idle flow that holds nothing and owes nothing: it may be
