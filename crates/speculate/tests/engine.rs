@@ -176,7 +176,11 @@ fn commit_all(e: &mut Engine, now: Duration) -> Vec<Transmit> {
 /// Open a speculated flow (active open by the guest). Returns the engine
 /// with the handshake committed and delivered.
 fn open(ep: Ep, budget: usize) -> Engine {
-    let mut e = Engine::new(cfg(Mode::Speculative, budget)).expect("valid config");
+    open_with(ep, cfg(Mode::Speculative, budget))
+}
+
+fn open_with(ep: Ep, c: Config) -> Engine {
+    let mut e = Engine::new(c).expect("valid config");
     e.handle_inner(ms(0), &ep.guest_syn());
     assert!(drain(&mut e).is_empty(), "SYN must be held for output commit");
     let out = commit_all(&mut e, ms(1));
@@ -1568,4 +1572,51 @@ fn inconsistent_config_is_refused() {
     ] {
         assert_eq!(c.validate(), Ok(()), "{c:?}");
     }
+}
+
+/// Fuzzer find: a guest RST waiting for the peer's ACK of the data before
+/// it, then an abort (the peer is gone): the abort resets both sides, but
+/// the pending RST stayed pending, was sent again at its linger deadline,
+/// and with `time_wait` 0 the flow stayed due forever (`poll_timeout() ==
+/// now` after `handle_timeout(now)`).
+#[test]
+fn abort_with_a_guest_rst_pending_resets_once_and_goes() {
+    let ep = Ep { v6: false };
+    let mut e = open_with(
+        ep,
+        Config {
+            max_retries: 1,
+            time_wait: Duration::ZERO,
+            ..cfg(Mode::Speculative, 100_000)
+        },
+    );
+    let base = GISN.wrapping_add(1);
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &[4; 500]),
+    );
+    e.handle_inner(
+        ms(11),
+        &ep.guest(base.wrapping_add(500), PISN + 1, flags::RST, 0, None, &[], &[]),
+    );
+    drain(&mut e);
+    let out = commit_all(&mut e, ms(20));
+    assert_eq!(out.len(), 1, "the data; the RST waits for its ACK");
+    let mut rsts = 0;
+    let mut now = ms(20);
+    for _ in 0..20 {
+        let Some(d) = e.poll_timeout() else { break };
+        now = now.max(d);
+        e.handle_timeout(now);
+        rsts += drain(&mut e)
+            .iter()
+            .filter(|t| t.to == Side::Outer && seg(&t.frame).has(flags::RST))
+            .count();
+        let next = e.poll_timeout();
+        assert!(next.is_none_or(|n| n > now), "still due at {now:?}: {next:?}");
+    }
+    assert_eq!(e.stats().aborted_flows, 1);
+    assert_eq!(rsts, 1, "one RST to the peer");
+    assert_eq!(e.stats().flows, 0);
+    assert_eq!(e.poll_timeout(), None);
 }
