@@ -78,7 +78,11 @@ fn seeded_structured_fuzz() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000);
-    let mut rng = Rng(0x5eed_f00d_cafe_d00d);
+    let seed = std::env::var("FUZZ_OPS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_f00d_cafe_d00d_u64);
+    let mut rng = Rng(seed.max(1));
     let t0 = Instant::now();
     let (mut refused, mut ops, mut failovers) = (0, 0, 0);
     let mut total = remora_speculate::Stats::default();
