@@ -198,7 +198,8 @@ impl Relay {
             mtu: cfg.mtu,
             tso_max: TSO_MAX,
             ..Config::default()
-        });
+        })
+        .map_err(|e| RelayError::Config(e.to_string()))?;
         Ok(Relay {
             next_seal: cfg.epoch,
             cfg,

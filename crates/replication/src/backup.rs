@@ -654,13 +654,16 @@ fn takeover(
         .zip(&s.engine_at)
         .map(|(r, at)| {
             at.map(|(now, epoch)| {
-                let mut engine = r.to_engine(cfg.clone());
+                let mut engine = r
+                    .to_engine(cfg.clone())
+                    .map_err(|e| BackupError::Other(format!("speculative engine: {e}")))?;
                 engine.commit_epoch(now, epoch);
                 engine.resume_after_failover(now);
-                RestoredEngine { engine, now }
+                Ok(RestoredEngine { engine, now })
             })
+            .transpose()
         })
-        .collect();
+        .collect::<Result<_, BackupError>>()?;
     let state = s
         .state
         .ok_or_else(|| BackupError::NothingToResume { why: why.clone() })?;

@@ -832,7 +832,9 @@ fn sync_and_run(inner: &Inner, tx: &mut Tx, link: &(Mutex<Link>, Condvar)) -> Re
     // Engines on every net path before the first checkpoint.
     for c in &inner.commits {
         if !c.has_engine() {
-            c.install(remora_speculate::Engine::new(inner.opts.engine.clone()));
+            let engine = remora_speculate::Engine::new(inner.opts.engine.clone())
+                .map_err(|e| format!("speculative engine: {e}"))?;
+            c.install(engine);
         }
     }
     let ReplReply::Pages(populated) = ask(inner, ReplRequest::StartTracking)? else {

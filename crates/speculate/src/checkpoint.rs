@@ -24,13 +24,15 @@
 //! are checked against the input's (other sequences read from the input
 //! preallocate at most serde's cautious 1 MiB).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, Item};
 use crate::flow::{Flow, FlowKey};
-use crate::{Config, EpochId, Stats};
+use crate::{Config, ConfigError, EpochId, Stats};
 
 // ---------------------------------------------------------------------------
 // Bookkeeping and change tracking (primary side).
@@ -69,6 +71,12 @@ pub(crate) struct FlowMark {
     /// `pushed` and the held length at the last checkpoint.
     pub ckpt_pushed: u64,
     pub ckpt_len: u64,
+    /// The flow's live entry in the timer heap: never later than its next
+    /// deadline (entries are not moved when a deadline moves later).
+    pub sched: Option<Duration>,
+    /// Mutably accessed since the timers were last synchronised (its key
+    /// is in `Timers::touched`).
+    pub timer_touched: bool,
 }
 
 /// Engine-wide checkpoint marks.
@@ -78,6 +86,12 @@ pub(crate) struct EngineMark {
     pub next_seq: Option<u64>,
     /// Sealed epochs with a smaller id are in the replica already.
     pub sealed_sent: u64,
+    /// Identifies the base the next deltas build on: how many bases this
+    /// engine took (kept across `reset_checkpoint_base`) and its epoch
+    /// counter at the base. Sequence numbers restart at 0 with every base,
+    /// so without it a replica holding an older base would apply the
+    /// deltas of a newer base it never received (a lost base).
+    pub base_id: [u64; 2],
 }
 
 #[derive(Clone, Debug, Default)]
@@ -91,11 +105,93 @@ pub(crate) struct TableMark {
     removed: Vec<FlowKey>,
 }
 
-/// The flow table: a map whose mutable accessors record what changed.
+/// The flows' deadlines: a min-heap with lazy deletion. Every flow with a
+/// deadline has one live entry (`FlowMark::sched`) no later than it; other
+/// entries (of removed flows, or superseded by an earlier one) are stale
+/// and dropped when they reach the top. After `sync`, the top entry is
+/// live and exact: the earliest deadline of all flows.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Timers {
+    heap: BinaryHeap<Reverse<(Duration, FlowKey)>>,
+    /// Flows accessed mutably (other than through `FlowMut`) since the
+    /// last `sync`.
+    touched: Vec<FlowKey>,
+    /// The flow re-filed last, if its entry is exact: the top needs no
+    /// lookup of it (the common case of one busy flow).
+    exact: Option<(Duration, FlowKey)>,
+    /// `Config::idle_timeout` (part of every established flow's deadline).
+    pub idle: Duration,
+    /// Flow deadlines evaluated (diagnostics: the cost of timer upkeep).
+    pub work: u64,
+}
+
+impl Timers {
+    /// Files a flow's deadline after a change: an earlier deadline gets a
+    /// new entry; a later one (or none) re-files the flow at once only if
+    /// its entry is the top, else when that entry reaches the top.
+    fn refile(&mut self, f: &mut Flow) {
+        self.work += 1;
+        let k = f.key;
+        let d = f.next_deadline(self.idle);
+        let m = &mut f.mark.0;
+        match (d, m.sched) {
+            (Some(d), s) if s.is_none_or(|s| d < s) => {
+                m.sched = Some(d);
+                self.heap.push(Reverse((d, k)));
+            }
+            (d, Some(s)) if d != Some(s) && self.heap.peek() == Some(&Reverse((s, k))) => {
+                self.heap.pop();
+                m.sched = d;
+                if let Some(d) = d {
+                    self.heap.push(Reverse((d, k)));
+                }
+            }
+            _ => {}
+        }
+        self.exact = d.filter(|d| m.sched == Some(*d)).map(|d| (d, k));
+    }
+
+    /// A flow leaves the table (or is replaced): its entries become stale.
+    fn forget(&mut self, k: &FlowKey) {
+        if self.exact.is_some_and(|(_, e)| e == *k) {
+            self.exact = None;
+        }
+    }
+}
+
+/// Mutable access to a flow; its deadline is re-filed in the timer heap
+/// when the access ends (no second lookup of the flow).
+pub(crate) struct FlowMut<'a> {
+    flow: &'a mut Flow,
+    timers: &'a mut Timers,
+}
+
+impl std::ops::Deref for FlowMut<'_> {
+    type Target = Flow;
+    fn deref(&self) -> &Flow {
+        self.flow
+    }
+}
+
+impl std::ops::DerefMut for FlowMut<'_> {
+    fn deref_mut(&mut self) -> &mut Flow {
+        self.flow
+    }
+}
+
+impl Drop for FlowMut<'_> {
+    fn drop(&mut self) {
+        self.timers.refile(self.flow);
+    }
+}
+
+/// The flow table: a map whose mutable accessors record what changed (for
+/// checkpoints and for the timer heap).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub(crate) struct FlowTable {
     map: HashMap<FlowKey, Flow>,
     mark: NotState<TableMark>,
+    pub(crate) timers: NotState<Timers>,
 }
 
 /// Flows sorted by key, so that equal engines print the same.
@@ -108,10 +204,18 @@ impl std::fmt::Debug for FlowTable {
 }
 
 impl FlowTable {
-    fn touch(m: &mut TableMark, f: &mut Flow) {
+    fn touch_ckpt(m: &mut TableMark, f: &mut Flow) {
         if m.track && !f.mark.0.dirty {
             f.mark.0.dirty = true;
             m.dirty.push(f.key);
+        }
+    }
+
+    fn touch(m: &mut TableMark, t: &mut Timers, f: &mut Flow) {
+        Self::touch_ckpt(m, f);
+        if !f.mark.0.timer_touched {
+            f.mark.0.timer_touched = true;
+            t.touched.push(f.key);
         }
     }
 
@@ -137,28 +241,34 @@ impl FlowTable {
         self.map.values()
     }
 
-    /// Mutable access; the flow goes into the next delta.
-    pub(crate) fn get_mut(&mut self, k: &FlowKey) -> Option<&mut Flow> {
+    /// Mutable access; the flow goes into the next delta, and its
+    /// deadline is re-filed when the access ends.
+    pub(crate) fn get_mut(&mut self, k: &FlowKey) -> Option<FlowMut<'_>> {
         let f = self.map.get_mut(k)?;
-        Self::touch(&mut self.mark.0, f);
-        Some(f)
+        Self::touch_ckpt(&mut self.mark.0, f);
+        Some(FlowMut {
+            flow: f,
+            timers: &mut self.timers.0,
+        })
     }
 
     /// Mutable access to the flows matching `pred`; they go into the next delta.
     pub(crate) fn values_mut_where(&mut self, pred: impl Fn(&Flow) -> bool) -> impl Iterator<Item = &mut Flow> {
         let m = &mut self.mark.0;
+        let t = &mut self.timers.0;
         self.map.values_mut().filter_map(move |f| {
             if !pred(f) {
                 return None;
             }
-            Self::touch(m, f);
+            Self::touch(m, t, f);
             Some(f)
         })
     }
 
     pub(crate) fn insert(&mut self, k: FlowKey, mut f: Flow) {
         f.mark = NotState::default();
-        Self::touch(&mut self.mark.0, &mut f);
+        self.timers.0.forget(&k);
+        Self::touch(&mut self.mark.0, &mut self.timers.0, &mut f);
         if let Some(old) = self.map.insert(k, f) {
             Self::note_removed(&mut self.mark.0, &old);
         }
@@ -167,7 +277,94 @@ impl FlowTable {
     pub(crate) fn remove(&mut self, k: &FlowKey) -> Option<Flow> {
         let f = self.map.remove(k)?;
         Self::note_removed(&mut self.mark.0, &f);
+        self.timers.0.forget(k);
         Some(f)
+    }
+
+    /// Brings the timer heap up to date with the flows touched since the
+    /// last call (O(touched · log n)), then drops stale or early entries
+    /// from its top so that [`FlowTable::next_deadline`] is exact.
+    pub(crate) fn sync_timers(&mut self, cfg: &Config) {
+        let t = &mut self.timers.0;
+        let mut touched = std::mem::take(&mut t.touched);
+        for k in touched.drain(..) {
+            if let Some(f) = self.map.get_mut(&k) {
+                f.mark.0.timer_touched = false;
+                t.refile(f);
+            }
+        }
+        t.touched = touched;
+        while let Some(&Reverse((s, k))) = t.heap.peek() {
+            if t.exact == Some((s, k)) {
+                break;
+            }
+            let Some(f) = self.map.get_mut(&k).filter(|f| f.mark.0.sched == Some(s)) else {
+                t.heap.pop();
+                continue;
+            };
+            t.work += 1;
+            let d = f.next_deadline(t.idle);
+            if d == Some(s) {
+                t.exact = Some((s, k));
+                break;
+            }
+            // The deadline moved later (or went): re-file the flow.
+            t.heap.pop();
+            f.mark.0.sched = d;
+            if let Some(d) = d {
+                t.heap.push(Reverse((d, k)));
+            }
+        }
+        // Stale entries are dropped only when they reach the top: rebuild
+        // when they outnumber the live ones (amortised O(1) per push).
+        if t.heap.len() > 2 * self.map.len() + 64 {
+            self.rebuild_timers(cfg);
+        }
+    }
+
+    /// Rebuilds the timer heap from all flows (O(n); after a failover, and
+    /// to drop stale entries).
+    pub(crate) fn rebuild_timers(&mut self, cfg: &Config) {
+        let t = &mut self.timers.0;
+        t.touched.clear();
+        t.exact = None;
+        t.idle = cfg.idle_timeout;
+        let mut v = Vec::with_capacity(self.map.len());
+        for (k, f) in &mut self.map {
+            t.work += 1;
+            f.mark.0.timer_touched = false;
+            f.mark.0.sched = f.next_deadline(t.idle);
+            if let Some(d) = f.mark.0.sched {
+                v.push(Reverse((d, *k)));
+            }
+        }
+        t.heap = BinaryHeap::from(v);
+    }
+
+    /// The earliest deadline of all flows (exact after `sync_timers`).
+    pub(crate) fn next_deadline(&self) -> Option<Duration> {
+        self.timers.0.heap.peek().map(|Reverse((d, _))| *d)
+    }
+
+    /// Removes the live heap entries due at `now` and returns their flows
+    /// (which may turn out not to be due: their deadline moved later).
+    pub(crate) fn pop_due(&mut self, now: Duration) -> Vec<FlowKey> {
+        let t = &mut self.timers.0;
+        let mut due = Vec::new();
+        while let Some(&Reverse((s, k))) = t.heap.peek() {
+            if s > now {
+                break;
+            }
+            t.heap.pop();
+            t.work += 1;
+            if let Some(f) = self.map.get_mut(&k) {
+                if f.mark.0.sched == Some(s) {
+                    f.mark.0.sched = None;
+                    due.push(k);
+                }
+            }
+        }
+        due
     }
 }
 
@@ -204,12 +401,15 @@ struct FlowDelta {
 struct Head {
     seq: u64,
     base: bool,
+    /// The base this checkpoint is (or builds on): see `EngineMark::base_id`.
+    base_id: [u64; 2],
     current: u64,
     global_reserved: u64,
     global_held: u64,
     global_blocked: bool,
     spec_flows: u64,
     buffered_bytes: u64,
+    next_flow_id: u64,
     stats: Stats,
     /// The unsealed epoch's items, whole (empty right after `seal_epoch`).
     current_items: Vec<Item<Chunk>>,
@@ -264,7 +464,7 @@ pub struct EngineDelta {
 }
 
 const MAGIC: [u8; 4] = *b"RSPD";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const PREFIX: usize = 4 + 2 + 8;
 
 fn bincode_config() -> bincode::config::Configuration {
@@ -285,6 +485,8 @@ pub enum DeltaError {
     Malformed(String),
     #[error("engine delta {got} out of order (expected {expected:?}, or a base)")]
     OutOfOrder { expected: Option<u64>, got: u64 },
+    #[error("engine delta builds on base {got:?}, the replica has base {expected:?} (a base was lost)")]
+    OtherBase { expected: [u64; 2], got: [u64; 2] },
     #[error("engine delta does not fit the replica: {0}")]
     Mismatch(String),
 }
@@ -391,6 +593,11 @@ impl Engine {
         let base = self.ckpt.0.next_seq.is_none();
         let seq = self.ckpt.0.next_seq.unwrap_or(0);
         let from = if base { 0 } else { self.ckpt.0.sealed_sent };
+        let base_id = if base {
+            [self.ckpt.0.base_id[0].wrapping_add(1), self.current]
+        } else {
+            self.ckpt.0.base_id
+        };
         let tm = &mut self.flows.mark.0;
         let removed = if base {
             tm.track = true;
@@ -456,17 +663,20 @@ impl Engine {
         self.ckpt.0 = EngineMark {
             next_seq: Some(seq.wrapping_add(1)),
             sealed_sent: self.current,
+            base_id,
         };
         EngineDelta {
             head: Head {
                 seq,
                 base,
+                base_id,
                 current: self.current,
                 global_reserved: self.global_reserved,
                 global_held: self.global_held,
                 global_blocked: self.global_blocked,
                 spec_flows: self.spec_flows as u64,
                 buffered_bytes: self.buffered_bytes,
+                next_flow_id: self.next_flow_id,
                 stats: self.stats.clone(),
                 current_items,
                 keep_sealed_from,
@@ -483,7 +693,10 @@ impl Engine {
     /// tracked, so a primary running without a backup may call this and
     /// stop checkpointing.
     pub fn reset_checkpoint_base(&mut self) {
-        self.ckpt.0 = EngineMark::default();
+        self.ckpt.0 = EngineMark {
+            base_id: self.ckpt.0.base_id,
+            ..EngineMark::default()
+        };
         self.flows.mark.0 = TableMark::default();
     }
 }
@@ -636,6 +849,8 @@ impl EngineDelta {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineReplica {
     seq: Option<u64>,
+    /// The base the replica's state builds on.
+    base_id: [u64; 2],
     /// The replicated state (its configuration is a placeholder: the real
     /// one is given to [`EngineReplica::to_engine`]).
     engine: Engine,
@@ -656,7 +871,8 @@ impl EngineReplica {
     pub fn new() -> Self {
         EngineReplica {
             seq: None,
-            engine: Engine::new(Config::default()),
+            base_id: [0; 2],
+            engine: Engine::new_unchecked(Config::default()),
         }
     }
 
@@ -719,6 +935,7 @@ impl EngineReplica {
         e.global_blocked = h.global_blocked;
         e.spec_flows = h.spec_flows as usize;
         e.buffered_bytes = h.buffered_bytes;
+        e.next_flow_id = h.next_flow_id;
         e.stats = h.stats.clone();
         e.current_items = d.items(&h.current_items);
         while e.sealed.front().is_some_and(|(id, _)| *id < h.keep_sealed_from) {
@@ -728,6 +945,7 @@ impl EngineReplica {
             e.sealed.push_back((*id, d.items(items)));
         }
         self.seq = Some(h.seq);
+        self.base_id = h.base_id;
         Ok(())
     }
 
@@ -746,6 +964,12 @@ impl EngineReplica {
             let expected = self.seq.and_then(|s| s.checked_add(1));
             if expected != Some(h.seq) {
                 return Err(DeltaError::OutOfOrder { expected, got: h.seq });
+            }
+            if h.base_id != self.base_id {
+                return Err(DeltaError::OtherBase {
+                    expected: self.base_id,
+                    got: h.base_id,
+                });
             }
             if h.current < e.current {
                 return mismatch(format!("epoch counter {} behind {}", h.current, e.current));
@@ -806,16 +1030,24 @@ impl EngineReplica {
     /// primary's). Its output queue is empty. Then `commit_epoch(now,
     /// epoch())` and `resume_after_failover(now)`. Before any checkpoint:
     /// `Engine::new(cfg)`. The first checkpoint of the new engine is a base.
-    pub fn to_engine(&self, cfg: Config) -> Engine {
-        self.clone().into_engine(cfg)
+    /// Refuses an inconsistent `cfg` (see [`Config::validate`]).
+    pub fn to_engine(&self, cfg: Config) -> Result<Engine, ConfigError> {
+        cfg.validate()?;
+        Ok(self.clone().into_engine_unchecked(cfg))
     }
 
     /// [`EngineReplica::to_engine`] without copying the held bytes.
-    pub fn into_engine(self, cfg: Config) -> Engine {
+    pub fn into_engine(self, cfg: Config) -> Result<Engine, ConfigError> {
+        cfg.validate()?;
+        Ok(self.into_engine_unchecked(cfg))
+    }
+
+    fn into_engine_unchecked(self, cfg: Config) -> Engine {
         let mut e = self.engine;
         e.cfg = cfg;
         e.out.clear();
         e.reset_checkpoint_base();
+        e.flows.rebuild_timers(&e.cfg);
         e
     }
 }

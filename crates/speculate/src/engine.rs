@@ -11,7 +11,7 @@ use crate::checkpoint::{EngineMark, FlowTable, NotState};
 use crate::flow::{AckInfo, Ctx, Flow, FlowKey, Phase};
 use crate::seq;
 use crate::wire::{self, flags, Parsed, Segment};
-use crate::{Checksum, Config, EpochId, Mode, Side, Stats, Transmit};
+use crate::{Checksum, Config, ConfigError, EpochId, Mode, Side, Stats, Transmit};
 
 /// An entry of an epoch's output queue. `R` holds a raw frame: its bytes in
 /// the engine, where they are in the data section in a checkpoint delta.
@@ -23,13 +23,16 @@ pub(crate) enum Item<R = Vec<u8>> {
     /// and the guest's receive-side state was `ack`.
     Spec {
         key: FlowKey,
+        /// The flow's incarnation (`Flow::id`): a flow removed and opened
+        /// again under the same key must not get the old one's items.
+        id: u64,
         data_end: u32,
         fin: bool,
         ack: Option<AckInfo>,
         pure: bool,
     },
     /// The guest reset a speculated flow.
-    Rst { key: FlowKey },
+    Rst { key: FlowKey, id: u64 },
 }
 
 impl<R> Item<R> {
@@ -39,18 +42,20 @@ impl<R> Item<R> {
             Item::Raw(r) => Item::Raw(f(r)),
             Item::Spec {
                 key,
+                id,
                 data_end,
                 fin,
                 ack,
                 pure,
             } => Item::Spec {
                 key: *key,
+                id: *id,
                 data_end: *data_end,
                 fin: *fin,
                 ack: *ack,
                 pure: *pure,
             },
-            Item::Rst { key } => Item::Rst { key: *key },
+            Item::Rst { key, id } => Item::Rst { key: *key, id: *id },
         }
     }
 }
@@ -76,16 +81,29 @@ pub struct Engine {
     pub(crate) global_blocked: bool,
     pub(crate) spec_flows: usize,
     pub(crate) buffered_bytes: u64,
+    /// The next flow incarnation id.
+    pub(crate) next_flow_id: u64,
     pub(crate) stats: Stats,
     /// Where the next checkpoint starts from (not state).
     pub(crate) ckpt: NotState<EngineMark>,
 }
 
 impl Engine {
-    pub fn new(cfg: Config) -> Self {
+    /// A new engine; refuses an inconsistent configuration (see
+    /// [`Config::validate`]).
+    pub fn new(cfg: Config) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        Ok(Self::new_unchecked(cfg))
+    }
+
+    /// An engine with a configuration known to be valid (or a placeholder
+    /// never used to process anything).
+    pub(crate) fn new_unchecked(cfg: Config) -> Self {
+        let mut flows = FlowTable::default();
+        flows.timers.0.idle = cfg.idle_timeout;
         Engine {
             cfg,
-            flows: FlowTable::default(),
+            flows,
             current: 0,
             current_items: Vec::new(),
             sealed: VecDeque::new(),
@@ -95,6 +113,7 @@ impl Engine {
             global_blocked: false,
             spec_flows: 0,
             buffered_bytes: 0,
+            next_flow_id: 0,
             stats: Stats::default(),
             ckpt: NotState::default(),
         }
@@ -161,6 +180,78 @@ impl Engine {
                 .all(|f| f.phase != Phase::Established || (f.buf.is_empty() && f.snd_una == f.snd_max))
     }
 
+    /// Checks the engine's internal consistency (for tests and fuzzing;
+    /// O(flows + held items)): the global counters are the sums of the
+    /// flows' (`bytes_held`, `bytes_reserved`, speculated flows, buffered
+    /// bytes), the pool never exceeds `global_cap` nor the raw frames
+    /// `buffered_cap`, and for every speculated flow the held stream is
+    /// exactly [snd_una, data_end), lies inside the window offered to the
+    /// guest, which is at most `per_flow_budget` (or the window the guest
+    /// learnt during the handshake) beyond snd_una, the sender's pointers
+    /// are ordered and its SACK scoreboard is sorted, disjoint and inside
+    /// [snd_una, snd_max]; the timer heap files every flow's deadline and
+    /// `poll_timeout` is the earliest of them. Returns the first violation
+    /// found.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut reserved = 0u64;
+        let mut held = 0u64;
+        let mut spec = 0usize;
+        let mut earliest: Option<Duration> = None;
+        for f in self.flows.values() {
+            f.check_invariants(&self.cfg)
+                .map_err(|e| format!("flow {:?}: {e}", f.key))?;
+            if let Some(d) = f.next_deadline(self.cfg.idle_timeout) {
+                earliest = Some(earliest.map_or(d, |e| e.min(d)));
+                if f.mark.0.sched.is_none_or(|s| s > d) {
+                    return Err(format!(
+                        "flow {:?}: deadline {d:?} filed at {:?} in the timer heap",
+                        f.key, f.mark.0.sched
+                    ));
+                }
+            }
+            reserved += f.reserved;
+            held += f.buf.len() as u64;
+            spec += usize::from(f.phase == Phase::Established);
+        }
+        if earliest != self.poll_timeout() {
+            return Err(format!(
+                "poll_timeout {:?} but the earliest deadline is {earliest:?}",
+                self.poll_timeout()
+            ));
+        }
+        if reserved != self.global_reserved {
+            return Err(format!("global_reserved {} != sum {reserved}", self.global_reserved));
+        }
+        if held != self.global_held {
+            return Err(format!("global_held {} != sum {held}", self.global_held));
+        }
+        if spec != self.spec_flows {
+            return Err(format!("spec_flows {} != {spec} established", self.spec_flows));
+        }
+        if self.global_reserved > self.cfg.global_cap as u64 {
+            return Err(format!(
+                "global_reserved {} above global_cap {}",
+                self.global_reserved, self.cfg.global_cap
+            ));
+        }
+        let raw: u64 = self
+            .current_items
+            .iter()
+            .chain(self.sealed.iter().flat_map(|(_, items)| items))
+            .map(|i| match i {
+                Item::Raw(f) => f.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        if raw != self.buffered_bytes || raw > self.cfg.buffered_cap as u64 {
+            return Err(format!(
+                "buffered_bytes {} (cap {}) != {raw} held raw",
+                self.buffered_bytes, self.cfg.buffered_cap
+            ));
+        }
+        Ok(())
+    }
+
     fn ctx(&mut self) -> (Ctx<'_>, &mut FlowTable) {
         (
             Ctx {
@@ -222,6 +313,11 @@ impl Engine {
     /// A frame from the guest (checksums complete or not needed: the guest
     /// side is trusted and not verified).
     pub fn handle_inner(&mut self, now: Duration, frame: &[u8]) {
+        self.inner_frame(now, frame);
+        self.flows.sync_timers(&self.cfg);
+    }
+
+    fn inner_frame(&mut self, now: Duration, frame: &[u8]) {
         self.stats.inner_frames += 1;
         match self.cfg.mode {
             Mode::Direct => {
@@ -252,55 +348,51 @@ impl Engine {
             self.hold(frame);
             return;
         }
-        let speculate;
-        {
+        // One lookup of the flow for the whole frame (on the hot path).
+        let item = {
             let (mut ctx, flows) = self.ctx();
-            let Some(flow) = flows.get_mut(&key) else {
-                self.stats.fallback_frames += 1;
-                self.hold(frame);
-                return;
-            };
-            speculate = match flow.phase {
-                Phase::Handshake => {
-                    if seg.has(flags::RST) {
-                        flow.phase = Phase::Closed;
-                        false
+            match flows.get_mut(&key) {
+                None => None,
+                Some(mut flow) => {
+                    flow.last_activity = now;
+                    let speculate = match flow.phase {
+                        Phase::Handshake => {
+                            if seg.has(flags::RST) {
+                                flow.phase = Phase::Closed;
+                                false
+                            } else {
+                                Self::guest_handshake(&mut ctx, &mut flow, &seg)
+                            }
+                        }
+                        Phase::Established => true,
+                        Phase::Fallback | Phase::Closed => false,
+                    };
+                    if !speculate || seg.has(flags::SYN) {
+                        None
+                    } else if seg.has(flags::RST) {
+                        Some(Item::Rst { key, id: flow.id })
                     } else {
-                        Self::guest_handshake(&mut ctx, flow, &seg)
+                        let (ack, pure) = flow.on_guest_segment(&mut ctx, &seg);
+                        trace!(?key, data_end = flow.data_end, pure, "guest segment speculated");
+                        Some(Item::Spec {
+                            key,
+                            id: flow.id,
+                            data_end: flow.data_end,
+                            fin: flow.fin,
+                            ack,
+                            pure,
+                        })
                     }
                 }
-                Phase::Established => true,
-                Phase::Fallback | Phase::Closed => false,
-            };
-        }
-        if !speculate {
-            self.stats.fallback_frames += 1;
-            self.hold(frame);
-            return;
-        }
-        if seg.has(flags::SYN) {
-            self.stats.fallback_frames += 1;
-            self.hold(frame);
-            return;
-        }
-        if seg.has(flags::RST) {
-            self.current_items.push(Item::Rst { key });
-            return;
-        }
-        let (mut ctx, flows) = self.ctx();
-        let Some(flow) = flows.get_mut(&key) else {
-            return;
+            }
         };
-        let (ack, pure) = flow.on_guest_segment(&mut ctx, &seg);
-        let item = Item::Spec {
-            key,
-            data_end: flow.data_end,
-            fin: flow.fin,
-            ack,
-            pure,
-        };
-        trace!(?key, data_end = flow.data_end, pure, "guest segment speculated");
-        self.current_items.push(item);
+        match item {
+            Some(item) => self.current_items.push(item),
+            None => {
+                self.stats.fallback_frames += 1;
+                self.hold(frame);
+            }
+        }
     }
 
     /// A SYN (without ACK) from the guest (`from_guest`) or the peer:
@@ -321,7 +413,9 @@ impl Engine {
                     old.release_all(&mut ctx);
                 }
                 debug!(?key, from_guest, "SYN: tracking flow");
-                let f = Flow::new(key, seg, from_guest, now, &self.cfg);
+                let mut f = Flow::new(key, seg, from_guest, now, &self.cfg);
+                f.id = self.next_flow_id;
+                self.next_flow_id += 1;
                 self.flows.insert(key, f);
             }
         }
@@ -371,6 +465,11 @@ impl Engine {
     }
 
     fn handle_outer_inner(&mut self, now: Duration, frame: &[u8], verify: bool) {
+        self.outer_frame(now, frame, verify);
+        self.flows.sync_timers(&self.cfg);
+    }
+
+    fn outer_frame(&mut self, now: Duration, frame: &[u8], verify: bool) {
         self.stats.outer_frames += 1;
         if self.cfg.mode != Mode::Speculative {
             self.pass_inner(frame);
@@ -385,7 +484,8 @@ impl Engine {
             }
         };
         let key = FlowKey::from_outer(&seg);
-        let tracked = self.flows.contains_key(&key);
+        let phase = self.flows.get(&key).map(|f| f.phase);
+        let tracked = phase.is_some();
         let is_syn = seg.has(flags::SYN) && !seg.has(flags::ACK) && !seg.has(flags::RST);
         if (tracked || is_syn) && verify && !wire::verify_checksums(frame, &seg) {
             self.stats.bad_checksum_drops += 1;
@@ -396,25 +496,22 @@ impl Engine {
             self.pass_inner(frame);
             return;
         }
-        let phase = match self.flows.get(&key) {
-            None => {
-                self.stats.fallback_frames += 1;
-                self.pass_inner(frame);
-                return;
-            }
-            Some(f) => f.phase,
+        let Some(phase) = phase else {
+            self.stats.fallback_frames += 1;
+            self.pass_inner(frame);
+            return;
         };
         match phase {
             Phase::Handshake => {
                 let established = {
                     let (mut ctx, flows) = self.ctx();
                     match flows.get_mut(&key) {
-                        Some(flow) => Self::peer_handshake(&mut ctx, flow, &seg),
+                        Some(mut flow) => Self::peer_handshake(&mut ctx, &mut flow, &seg),
                         None => false,
                     }
                 };
                 if !established {
-                    if let Some(flow) = self.flows.get_mut(&key) {
+                    if let Some(mut flow) = self.flows.get_mut(&key) {
                         if seg.has(flags::RST) {
                             flow.phase = Phase::Closed;
                         } else {
@@ -425,7 +522,7 @@ impl Engine {
                     self.pass_inner(frame);
                     return;
                 }
-                if let Some(flow) = self.flows.get_mut(&key) {
+                if let Some(mut flow) = self.flows.get_mut(&key) {
                     flow.init_committed_from_syn();
                 }
                 self.peer_established(now, key, frame, &seg);
@@ -447,7 +544,7 @@ impl Engine {
                     return;
                 }
                 let f = match self.flows.get_mut(&key) {
-                    Some(flow) if flow.guest_seen_ack.is_some() && seg.has(flags::ACK) && !seg.has(flags::RST) => {
+                    Some(mut flow) if flow.guest_seen_ack.is_some() && seg.has(flags::ACK) && !seg.has(flags::RST) => {
                         flow.rewrite_closed(frame, &seg)
                     }
                     _ => frame.to_vec(),
@@ -493,9 +590,10 @@ impl Engine {
     fn peer_established(&mut self, now: Duration, key: FlowKey, frame: &[u8], seg: &Segment<'_>) {
         let blocked_before = self.global_reserved;
         let (mut ctx, flows) = self.ctx();
-        let Some(flow) = flows.get_mut(&key) else {
+        let Some(mut flow) = flows.get_mut(&key) else {
             return;
         };
+        flow.last_activity = now;
         if seg.has(flags::RST) {
             if flow.peer_rst_valid(seg) {
                 debug!(?key, "peer RST: closing flow");
@@ -506,6 +604,7 @@ impl Engine {
                     gso_size: None,
                 });
             }
+            drop(flow);
             self.after_release(now, blocked_before);
             return;
         }
@@ -547,6 +646,7 @@ impl Engine {
             // The peer may have acknowledged the last of a closing flow.
             flow.check_done(now, &mut ctx);
         }
+        drop(flow);
         self.after_release(now, blocked_before);
     }
 
@@ -607,14 +707,15 @@ impl Engine {
                     }
                     Item::Spec {
                         key,
+                        id,
                         data_end,
                         fin,
                         ack,
                         pure,
                     } => {
                         let (mut ctx, flows) = self.ctx();
-                        if let Some(flow) = flows.get_mut(&key) {
-                            if flow.phase == Phase::Established {
+                        if let Some(mut flow) = flows.get_mut(&key) {
+                            if flow.phase == Phase::Established && flow.id == id {
                                 flow.on_commit_item(&mut ctx, now, data_end, fin, ack, pure);
                                 if !flow.touched {
                                     flow.touched = true;
@@ -623,17 +724,17 @@ impl Engine {
                             }
                         }
                     }
-                    Item::Rst { key } => {
+                    Item::Rst { key, id } => {
                         for k in touched.drain(..) {
                             let (mut ctx, flows) = self.ctx();
-                            if let Some(flow) = flows.get_mut(&k) {
+                            if let Some(mut flow) = flows.get_mut(&k) {
                                 flow.touched = false;
                                 flow.after_commit(&mut ctx, now);
                             }
                         }
                         let (mut ctx, flows) = self.ctx();
-                        if let Some(flow) = flows.get_mut(&key) {
-                            if flow.phase == Phase::Established {
+                        if let Some(mut flow) = flows.get_mut(&key) {
+                            if flow.phase == Phase::Established && flow.id == id {
                                 flow.on_guest_rst(&mut ctx, now);
                             }
                         }
@@ -643,12 +744,13 @@ impl Engine {
         }
         for k in touched {
             let (mut ctx, flows) = self.ctx();
-            if let Some(flow) = flows.get_mut(&k) {
+            if let Some(mut flow) = flows.get_mut(&k) {
                 flow.touched = false;
                 flow.after_commit(&mut ctx, now);
             }
         }
         self.after_release(now, before);
+        self.flows.sync_timers(&self.cfg);
     }
 
     /// Resume a checkpointed engine on the backup after a failover.
@@ -667,6 +769,7 @@ impl Engine {
         for f in flows.values_mut_where(|_| true) {
             f.resume_after_failover(&mut ctx, now);
         }
+        self.flows.rebuild_timers(&self.cfg);
     }
 
     // -------------------------------------------------------------------
@@ -682,31 +785,52 @@ impl Engine {
         self.out.len()
     }
 
-    /// When [`Engine::handle_timeout`] should next be called.
+    /// When [`Engine::handle_timeout`] should next be called: the earliest
+    /// deadline of all flows, from a heap (O(1)).
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.flows.values().filter_map(|f| f.next_deadline()).min()
+        self.flows.next_deadline()
     }
 
-    /// Run the timers that are due.
+    /// Flow deadlines evaluated so far to keep the timer heap up to date
+    /// (diagnostics: timer upkeep costs O(flows touched + timers expired),
+    /// never a scan of all flows, except once after a failover).
+    pub fn timer_work(&self) -> u64 {
+        self.flows.timers.0.work
+    }
+
+    /// Run the timers that are due: O(expired · log n).
     pub fn handle_timeout(&mut self, now: Duration) {
         let before = self.global_reserved;
-        let due: Vec<FlowKey> = self
-            .flows
-            .values()
-            .filter(|f| f.next_deadline().is_some_and(|d| d <= now))
-            .map(|f| f.key)
-            .collect();
-        for key in due {
+        for key in self.flows.pop_due(now) {
             let remove = {
                 let (mut ctx, flows) = self.ctx();
-                let Some(flow) = flows.get_mut(&key) else {
+                // Mutable access re-files the flow's next deadline.
+                let Some(mut flow) = flows.get_mut(&key) else {
                     continue;
                 };
+                if flow.next_deadline(ctx.cfg.idle_timeout).is_none_or(|d| d > now) {
+                    // Its deadline moved later since it was filed.
+                    continue;
+                }
                 flow.on_timeout(&mut ctx, now);
                 let expired = flow.linger.is_some_and(|d| d <= now) && !flow.rst_pending;
                 match flow.phase {
                     Phase::Closed | Phase::Handshake | Phase::Fallback => expired,
-                    Phase::Established => false,
+                    Phase::Established => {
+                        if flow.idle_deadline(ctx.cfg.idle_timeout).is_some_and(|d| d <= now) {
+                            if flow.forgettable() {
+                                debug!(?key, "idle flow forgotten");
+                                *ctx.spec_flows = ctx.spec_flows.saturating_sub(1);
+                                true
+                            } else {
+                                debug!(?key, "idle flow: reservation released");
+                                flow.idle_release(&mut ctx, now);
+                                false
+                            }
+                        } else {
+                            false
+                        }
+                    }
                 }
             };
             if remove {
@@ -717,6 +841,7 @@ impl Engine {
             }
         }
         self.after_release(now, before);
+        self.flows.sync_timers(&self.cfg);
     }
 }
 

@@ -208,6 +208,9 @@ pub(crate) struct Ctx<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Flow {
     pub key: FlowKey,
+    /// Incarnation: distinguishes flows opened one after the other under
+    /// the same key (assigned by the engine when tracking starts).
+    pub id: u64,
     pub phase: Phase,
     pub guest_syn: Option<SynInfo>,
     pub peer_syn: Option<SynInfo>,
@@ -308,6 +311,8 @@ pub(crate) struct Flow {
     /// Closed/handshake expiry, or the deadline of a pending guest RST.
     pub linger: Option<Duration>,
     pub rst_pending: bool,
+    /// The last frame of the flow from either side (idle timeout).
+    pub last_activity: Duration,
     /// In the touched list of a commit being processed.
     pub touched: bool,
     /// Checkpoint bookkeeping (not state: ignored by `==`, not serialised).
@@ -325,6 +330,7 @@ impl Flow {
         let syn = SynInfo::from_seg(seg);
         Flow {
             key,
+            id: 0,
             phase: Phase::Handshake,
             guest_syn: from_guest.then_some(syn),
             peer_syn: (!from_guest).then_some(syn),
@@ -387,6 +393,7 @@ impl Flow {
             probes_out: 0,
             linger: Some(now + cfg.handshake_timeout),
             rst_pending: false,
+            last_activity: now,
             touched: false,
             mark: NotState::default(),
         }
@@ -402,11 +409,113 @@ impl Flow {
         self.committed_end.wrapping_add(u32::from(self.committed_fin))
     }
 
-    pub(crate) fn next_deadline(&self) -> Option<Duration> {
-        [self.rto_deadline, self.persist_deadline, self.linger, self.tlp_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+    /// The earliest of the flow's deadlines (`idle`: `Config::idle_timeout`).
+    pub(crate) fn next_deadline(&self, idle: Duration) -> Option<Duration> {
+        [
+            self.rto_deadline,
+            self.persist_deadline,
+            self.linger,
+            self.tlp_deadline,
+            self.idle_deadline(idle),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When an established flow counts as idle (no frame since).
+    pub(crate) fn idle_deadline(&self, idle: Duration) -> Option<Duration> {
+        (self.phase == Phase::Established && !idle.is_zero()).then(|| self.last_activity.saturating_add(idle))
+    }
+
+    /// An idle flow that holds nothing and owes nothing: it may be
+    /// forgotten (both directions acknowledged and committed, no reset
+    /// pending).
+    pub(crate) fn forgettable(&self) -> bool {
+        self.buf.is_empty()
+            && self.snd_una == self.snd_max
+            && self.snd_max == self.stream_end_committed()
+            && self.committed_end == self.data_end
+            && self.committed_fin == self.fin
+            && !self.rst_pending
+    }
+
+    /// The idle timeout of a flow that still holds bytes: give the
+    /// reservation back (the bytes stay, held under output commit) and
+    /// look again one idle period later.
+    pub(crate) fn idle_release(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        self.res_edge = self.snd_una;
+        self.set_reserved(ctx);
+        self.last_activity = now;
+    }
+
+    /// See `Engine::check_invariants`.
+    pub(crate) fn check_invariants(&self, cfg: &Config) -> Result<(), String> {
+        if self.phase != Phase::Established {
+            if self.reserved != 0 || !self.buf.is_empty() {
+                return Err(format!(
+                    "{:?} flow holds {} bytes, reserves {}",
+                    self.phase,
+                    self.buf.len(),
+                    self.reserved
+                ));
+            }
+            return Ok(());
+        }
+        let Some(g) = self.guest_syn else {
+            return Err("established without the guest's SYN".into());
+        };
+        let una = self.snd_una;
+        let off = |s: u32| s.wrapping_sub(una);
+        if self.buf.len() as u64 != u64::from(seq::dist(una, self.data_end)) {
+            return Err(format!(
+                "buf {} != data_end - snd_una {}",
+                self.buf.len(),
+                seq::dist(una, self.data_end)
+            ));
+        }
+        if self.reserved != u64::from(seq::dist(una, self.res_edge)) {
+            return Err(format!("reserved {} != res_edge - snd_una", self.reserved));
+        }
+        let wnd = u64::from(seq::dist(una, self.adv_edge));
+        if seq::gt(self.data_end, self.adv_edge) {
+            return Err(format!("data_end beyond the offered edge by {}", off(self.data_end)));
+        }
+        let hs = u64::from(seq::dist(g.isn.wrapping_add(1), self.hs_edge.unwrap_or(una)));
+        // (+1: the ACK of a FIN sent at the window's edge moves the edge
+        // over the FIN's sequence number, which holds no byte.)
+        if wnd > (cfg.per_flow_budget as u64).max(hs) + u64::from(self.fin) {
+            return Err(format!(
+                "offered window {wnd} above budget {} (handshake window {hs})",
+                cfg.per_flow_budget
+            ));
+        }
+        // snd_una <= snd_max <= committed stream end <= speculated end.
+        let (m, c, e) = (
+            off(self.snd_max),
+            off(self.stream_end_committed()),
+            off(self.spec_ack()),
+        );
+        if !(m <= c && c <= e && e < 1 << 31) {
+            return Err(format!(
+                "sender pointers out of order: snd_max +{m} committed +{c} end +{e}"
+            ));
+        }
+        let mut last = 0u32;
+        for &(l, r) in &self.sacked {
+            let (l, r) = (off(l), off(r));
+            if !(last <= l && l < r && r <= m) {
+                return Err(format!(
+                    "SACK scoreboard {:?} (offsets from snd_una {una})",
+                    self.sacked
+                ));
+            }
+            last = r;
+        }
+        if self.cwnd == 0 {
+            return Err("zero cwnd".into());
+        }
+        Ok(())
     }
 
     /// Record what an outer frame passed raw to the guest during the
@@ -529,8 +638,12 @@ impl Flow {
         self.buf = VecDeque::new();
         *ctx.global_reserved = ctx.global_reserved.saturating_sub(self.reserved);
         self.reserved = 0;
+        // No sender timer outlives the held stream (a flow closed by a
+        // peer RST kept its tail-loss-probe deadline, which no one cleared).
         self.rto_deadline = None;
         self.persist_deadline = None;
+        self.tlp_deadline = None;
+        self.tlp_sent = false;
     }
 
     fn held(&self) -> u64 {
@@ -888,6 +1001,7 @@ impl Flow {
         ack: Option<AckInfo>,
         pure: bool,
     ) {
+        self.last_activity = now;
         if seq::gt(data_end, self.committed_end) {
             self.committed_end = data_end;
         }
@@ -935,6 +1049,11 @@ impl Flow {
         }
         self.release_all(ctx);
         self.phase = Phase::Closed;
+        // A guest RST still waiting for the peer's ACK is moot: the flow
+        // was reset (by the peer, or by an abort that reset both sides).
+        // Left pending it was sent again at the linger deadline, and with a
+        // zero time_wait the flow stayed due forever.
+        self.rst_pending = false;
         self.linger = Some(now + ctx.cfg.time_wait);
     }
 
@@ -1534,12 +1653,33 @@ impl Flow {
         }
     }
 
+    /// Records a SACK block of the peer. Only the part inside
+    /// [snd_una, snd_max] counts; a block wholly outside it (or malformed,
+    /// e.g. with edges half the sequence space apart) is ignored. The edges
+    /// are compared as offsets from `snd_una`: pairwise sequence-space
+    /// comparisons are not transitive across more than 2^31 bytes, so a
+    /// block such as (una + 1.4e9, una + 2.9e9) would pass "l >= una",
+    /// "r <= snd_max" and "l < r" all at once.
     fn add_sack(&mut self, l: u32, r: u32) {
-        let l = seq::max(l, self.snd_una);
-        let r = seq::min(r, self.snd_max);
         if !seq::lt(l, r) {
             return;
         }
+        let flight = seq::dist(self.snd_una, self.snd_max);
+        let off_r = r.wrapping_sub(self.snd_una);
+        if off_r == 0 || off_r >= 1 << 31 {
+            // Right edge at or below snd_una: nothing new.
+            return;
+        }
+        // l < r and r above snd_una: an offset of l above r's means l lies
+        // below snd_una (a block straddling it): trim it there.
+        let off_l = l.wrapping_sub(self.snd_una);
+        let off_l = if off_l > off_r { 0 } else { off_l };
+        let off_r = off_r.min(flight);
+        if off_l >= off_r {
+            return;
+        }
+        let l = self.snd_una.wrapping_add(off_l);
+        let r = self.snd_una.wrapping_add(off_r);
         let mut nl = l;
         let mut nr = r;
         let mut out = Vec::with_capacity(self.sacked.len() + 1);
@@ -1619,9 +1759,15 @@ impl Flow {
 
     pub(crate) fn resume_after_failover(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
         let cfg = ctx.cfg;
+        // Every time is re-based on the new host's clock.
+        self.last_activity = now;
         self.rtt_probe = None;
         self.rto_deadline = None;
         self.persist_deadline = None;
+        self.tlp_deadline = None;
+        self.tlp_sent = false;
+        self.retx_log.clear();
+        self.cubic.epoch_start = None;
         self.persist_backoff = 0;
         self.retries = 0;
         self.probes_out = 0;
@@ -1677,6 +1823,11 @@ impl Flow {
             }
         }
         if self.phase != Phase::Established {
+            // Sender timers mean nothing outside Established: never leave
+            // one behind (it would stay due forever).
+            self.rto_deadline = None;
+            self.persist_deadline = None;
+            self.tlp_deadline = None;
             return;
         }
         if let Some(d) = self.rto_deadline {

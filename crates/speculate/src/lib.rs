@@ -42,6 +42,7 @@ pub mod wire;
 
 pub use checkpoint::{DeltaError, EngineDelta, EngineReplica};
 pub use engine::Engine;
+
 pub use flow::FlowKey;
 
 use serde::{Deserialize, Serialize};
@@ -151,6 +152,12 @@ pub struct Config {
     /// acknowledged, how long the engine keeps delivering before sending
     /// the reset anyway.
     pub rst_linger: Duration,
+    /// An established flow without any frame from either side for this
+    /// long gives its reservation back to the pool, and is forgotten when
+    /// it holds nothing (later frames of it pass as for an unknown flow:
+    /// under output commit toward the peer, unchanged toward the guest).
+    /// `Duration::ZERO` disables it.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Config {
@@ -172,7 +179,111 @@ impl Default for Config {
             time_wait: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(75),
             rst_linger: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
         }
+    }
+}
+
+/// The largest per-flow budget: windows are at most 65535 << 14 bytes
+/// (RFC 7323), and held bytes must stay far below 2^31 for sequence-space
+/// comparisons.
+pub const MAX_PER_FLOW_BUDGET: usize = 1 << 30;
+/// The longest duration a [`Config`] may hold (timers are `now + d`).
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The smallest [`Config::buffered_cap`]: one maximal Ethernet frame
+/// (a smaller cap could never hold any frame, not even a SYN).
+pub const MIN_BUFFERED_CAP: usize = 14 + 65535;
+
+/// An inconsistent [`Config`] (see [`Config::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("Config::{field} is {got}, must be at least {min}")]
+    TooSmall { field: &'static str, got: u64, min: u64 },
+    #[error("Config::{field} is {got}, must be at most {max}")]
+    TooLarge { field: &'static str, got: u64, max: u64 },
+    #[error("Config::{field} is {got:?}, must be more than zero")]
+    ZeroDuration { field: &'static str, got: Duration },
+    #[error("Config::{field} is {got:?}, must be at most {max:?}")]
+    DurationTooLarge {
+        field: &'static str,
+        got: Duration,
+        max: Duration,
+    },
+    #[error("Config::min_rto ({min_rto:?}) is above Config::max_rto ({max_rto:?})")]
+    RtoBounds { min_rto: Duration, max_rto: Duration },
+    #[error("Config::initial_rto ({initial_rto:?}) is above Config::max_rto ({max_rto:?})")]
+    InitialRto { initial_rto: Duration, max_rto: Duration },
+}
+
+impl Config {
+    /// Checks that the configuration is consistent: what [`Engine::new`]
+    /// and [`EngineReplica::to_engine`] refuse. Budgets, caps and the
+    /// initial window are at least 1 (and bounded where arithmetic needs
+    /// it), the MTU is 576..=65535, `tso_max` at most 64000, timers more
+    /// than zero where a zero would re-fire at once (RTOs, handshake
+    /// timeout), `min_rto <= max_rto`, `initial_rto <= max_rto`, and every
+    /// duration at most [`MAX_CONFIG_DURATION`]. `max_flows` 0 (nothing
+    /// speculated), `time_wait` 0, `rst_linger` 0 and `idle_timeout` 0
+    /// (disabled) are allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn range(field: &'static str, got: usize, min: usize, max: usize) -> Result<(), ConfigError> {
+            let got = got as u64;
+            if got < min as u64 {
+                return Err(ConfigError::TooSmall {
+                    field,
+                    got,
+                    min: min as u64,
+                });
+            }
+            if got > max as u64 {
+                return Err(ConfigError::TooLarge {
+                    field,
+                    got,
+                    max: max as u64,
+                });
+            }
+            Ok(())
+        }
+        fn duration(field: &'static str, got: Duration, nonzero: bool) -> Result<(), ConfigError> {
+            if nonzero && got.is_zero() {
+                return Err(ConfigError::ZeroDuration { field, got });
+            }
+            if got > MAX_CONFIG_DURATION {
+                return Err(ConfigError::DurationTooLarge {
+                    field,
+                    got,
+                    max: MAX_CONFIG_DURATION,
+                });
+            }
+            Ok(())
+        }
+        range("per_flow_budget", self.per_flow_budget, 1, MAX_PER_FLOW_BUDGET)?;
+        range("global_cap", self.global_cap, 1, usize::MAX)?;
+        range("buffered_cap", self.buffered_cap, MIN_BUFFERED_CAP, usize::MAX)?;
+        range("mtu", self.mtu, 576, 65535)?;
+        range("tso_max", self.tso_max, 0, 64_000)?;
+        range("initial_cwnd", self.initial_cwnd as usize, 1, 1024)?;
+        duration("min_rto", self.min_rto, true)?;
+        duration("max_rto", self.max_rto, true)?;
+        duration("initial_rto", self.initial_rto, true)?;
+        duration("time_wait", self.time_wait, false)?;
+        duration("handshake_timeout", self.handshake_timeout, true)?;
+        duration("rst_linger", self.rst_linger, false)?;
+        duration("idle_timeout", self.idle_timeout, false)?;
+        if self.min_rto > self.max_rto {
+            return Err(ConfigError::RtoBounds {
+                min_rto: self.min_rto,
+                max_rto: self.max_rto,
+            });
+        }
+        if self.initial_rto > self.max_rto {
+            return Err(ConfigError::InitialRto {
+                initial_rto: self.initial_rto,
+                max_rto: self.max_rto,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -123,7 +123,7 @@ impl Multi {
         }
         Multi {
             now: 0,
-            engine: Engine::new(cfg),
+            engine: Engine::new(cfg).expect("valid config"),
             pairs,
             rng,
             pending: VecDeque::new(),
@@ -335,7 +335,10 @@ impl Multi {
             self.errors
                 .push(format!("t={now}: replica at {:?}", self.replica.epoch()));
         }
-        let rebuilt = self.replica.to_engine(self.engine.config().clone());
+        let rebuilt = self
+            .replica
+            .to_engine(self.engine.config().clone())
+            .expect("valid config");
         if let Some(diff) = engine_diff(&rebuilt, &self.engine) {
             self.errors
                 .push(format!("t={now} epoch {id:?}: replica differs: {diff}"));
@@ -456,7 +459,7 @@ proptest! {
         // Failover.
         let now = ms(sim.now);
         let cfg = sim.engine.config().clone();
-        sim.engine = r.replica.into_engine(cfg);
+        sim.engine = r.replica.into_engine(cfg).expect("valid config");
         sim.guest = guest;
         sim.pending_commits.clear();
         sim.mark_committed(epoch);
@@ -610,7 +613,7 @@ fn delta_size_is_proportional_to_appended_bytes() {
         global_cap: 128 << 20,
         ..Config::default()
     };
-    let mut e = Engine::new(cfg.clone());
+    let mut e = Engine::new(cfg.clone()).expect("valid config");
     let payload = data(64_000, 5);
     let mut pos = Vec::new();
     for i in 0..FLOWS {
@@ -698,7 +701,10 @@ fn delta_size_is_proportional_to_appended_bytes() {
     let t_apply = t.elapsed();
     eprintln!("delta apply {t_apply:?}");
     assert_eq!(replica.bytes_held(), e.bytes_held());
-    assert_eq!(engine_diff(&replica.to_engine(cfg.clone()), &e), None);
+    assert_eq!(
+        engine_diff(&replica.to_engine(cfg.clone()).expect("valid config"), &e),
+        None
+    );
 
     // Epochs at 1 Gbit/s (25 ms: 3 MiB appended), the delta's data copied
     // into a fresh buffer and into one recycled from an earlier delta.
@@ -740,7 +746,7 @@ fn delta_size_is_proportional_to_appended_bytes() {
     }
     e.seal_epoch(ms(11));
     replica.apply(&roundtrip(&e.checkpoint())).expect("apply");
-    assert_eq!(engine_diff(&replica.to_engine(cfg), &e), None);
+    assert_eq!(engine_diff(&replica.to_engine(cfg).expect("valid config"), &e), None);
 }
 
 /// The pause cost with many flows: a delta scans the dirty flows only.
@@ -751,7 +757,7 @@ fn checkpoint_cost_with_many_idle_flows() {
         global_cap: 1 << 40,
         ..Config::default()
     };
-    let mut e = Engine::new(cfg.clone());
+    let mut e = Engine::new(cfg.clone()).expect("valid config");
     let payload = data(4096, 9);
     let n: u16 = 5000;
     for i in 0..n {
@@ -781,7 +787,7 @@ fn checkpoint_cost_with_many_idle_flows() {
     );
     assert_eq!(d.flows_changed(), 1);
     replica.apply(&roundtrip(&d)).expect("delta");
-    assert_eq!(engine_diff(&replica.to_engine(cfg), &e), None);
+    assert_eq!(engine_diff(&replica.to_engine(cfg).expect("valid config"), &e), None);
 }
 
 // ---------------------------------------------------------------------------
@@ -896,7 +902,8 @@ fn delta_of_another_engine_is_refused_and_changes_nothing() {
         per_flow_budget: 1 << 20,
         global_cap: 1 << 24,
         ..Config::default()
-    });
+    })
+    .expect("valid config");
     open_flow(&mut e, 999);
     e.seal_epoch(ms(2));
     let mut other = EngineReplica::new();
@@ -907,7 +914,12 @@ fn delta_of_another_engine_is_refused_and_changes_nothing() {
     let d1 = roundtrip(&e.checkpoint());
     let mut r = reps[0].clone();
     let err = r.apply(&d1);
-    assert!(matches!(err, Err(DeltaError::Mismatch(_))), "{err:?}");
+    // Refused for its base (another epoch), or else for its contents (two
+    // engines' bases may carry the same id).
+    assert!(
+        matches!(err, Err(DeltaError::OtherBase { .. } | DeltaError::Mismatch(_))),
+        "{err:?}"
+    );
     assert_eq!(r, reps[0]);
     other.apply(&d1).expect("its own replica");
     // And the other way round.
@@ -970,8 +982,44 @@ proptest! {
                 prop_assert!(r == reps[base]);
             } else {
                 // A delta that applied must rebuild an engine.
-                let _ = r.to_engine(Config::default()).stats();
+                let _ = r.to_engine(Config::default()).expect("valid config").stats();
             }
         }
     }
+}
+
+/// Fuzzer find: sequence numbers restart at 0 with every base, so a
+/// replica holding an older base applied delta 1 of a newer base it never
+/// received (the base was lost), building a state the primary never had.
+/// Deltas name their base; the replica refuses another base's deltas.
+#[test]
+fn delta_of_a_lost_base_is_refused() {
+    let cfg = Config {
+        mode: Mode::Speculative,
+        ..Config::default()
+    };
+    let mut e = Engine::new(cfg.clone()).expect("valid config");
+    let mut replica = EngineReplica::new();
+    open_flow(&mut e, GPORT0);
+    e.seal_epoch(ms(3));
+    replica.apply(&e.checkpoint()).expect("first base");
+    // The driver re-bases (say a delta was lost); the new base is lost too.
+    e.reset_checkpoint_base();
+    open_flow(&mut e, GPORT0 + 1);
+    e.seal_epoch(ms(4));
+    let lost = e.checkpoint();
+    assert!(lost.is_base());
+    e.seal_epoch(ms(5));
+    let d = e.checkpoint();
+    assert_eq!(d.seq(), 1);
+    let err = replica.apply(&d).expect_err("delta of a base the replica lacks");
+    assert!(matches!(err, DeltaError::OtherBase { .. }), "{err}");
+    assert_eq!(replica.seq(), Some(0), "unchanged");
+    // A new base puts it right.
+    e.reset_checkpoint_base();
+    e.seal_epoch(ms(6));
+    replica.apply(&e.checkpoint()).expect("base");
+    e.seal_epoch(ms(7));
+    replica.apply(&e.checkpoint()).expect("its delta");
+    assert_eq!(engine_diff(&replica.to_engine(cfg).expect("valid config"), &e), None);
 }

@@ -18,6 +18,10 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// The default idle timeout: the only deadline of an established flow
+/// with nothing in flight.
+const IDLE: Duration = Duration::from_secs(300);
+
 #[derive(Clone, Copy)]
 struct Ep {
     v6: bool,
@@ -172,7 +176,11 @@ fn commit_all(e: &mut Engine, now: Duration) -> Vec<Transmit> {
 /// Open a speculated flow (active open by the guest). Returns the engine
 /// with the handshake committed and delivered.
 fn open(ep: Ep, budget: usize) -> Engine {
-    let mut e = Engine::new(cfg(Mode::Speculative, budget));
+    open_with(ep, cfg(Mode::Speculative, budget))
+}
+
+fn open_with(ep: Ep, c: Config) -> Engine {
+    let mut e = Engine::new(c).expect("valid config");
     e.handle_inner(ms(0), &ep.guest_syn());
     assert!(drain(&mut e).is_empty(), "SYN must be held for output commit");
     let out = commit_all(&mut e, ms(1));
@@ -275,7 +283,7 @@ fn handshake_learning_and_speculative_ack_v4_v6() {
         );
         assert!(drain(&mut e).is_empty(), "pure peer ACKs are consumed");
         assert_eq!(e.stats().bytes_held, 0);
-        assert_eq!(e.poll_timeout(), None);
+        assert_eq!(e.poll_timeout(), Some(ms(60) + IDLE), "no RTO, only the idle timeout");
         assert!(e.is_idle());
     }
 }
@@ -479,7 +487,7 @@ fn retransmission_timeout_with_backoff_and_fast_retransmit() {
     );
     assert!(drain(&mut e).is_empty());
     assert_eq!(e.stats().bytes_held, 0);
-    assert_eq!(e.poll_timeout(), None);
+    assert_eq!(e.poll_timeout(), Some(ms(3200) + IDLE), "no RTO, only the idle timeout");
 
     // Fast retransmit: three duplicate ACKs with SACK blocks.
     let mut e = open(ep, 1 << 20);
@@ -506,7 +514,7 @@ fn retransmission_timeout_with_backoff_and_fast_retransmit() {
         &ep.peer(PISN + 1, end, flags::ACK, 8192, Some((5100, 1100)), &[], &[]),
     );
     assert!(e.is_idle());
-    assert_eq!(e.poll_timeout(), None);
+    assert_eq!(e.poll_timeout(), Some(ms(61) + IDLE), "only the idle timeout");
 }
 
 #[test]
@@ -717,7 +725,7 @@ fn rst_from_guest_after_delivery() {
 #[test]
 fn fallback_non_tcp_unknown_flows_and_malformed() {
     let ep = Ep { v6: false };
-    let mut e = Engine::new(cfg(Mode::Speculative, 100_000));
+    let mut e = Engine::new(cfg(Mode::Speculative, 100_000)).expect("valid config");
     // ARP: held until commit on the way out, immediate on the way in.
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&GUEST_MAC);
@@ -775,7 +783,7 @@ fn outer_frames_with_bad_checksums_are_dropped() {
 #[test]
 fn buffered_and_direct_modes() {
     let ep = Ep { v6: false };
-    let mut e = Engine::new(cfg(Mode::Buffered, 100_000));
+    let mut e = Engine::new(cfg(Mode::Buffered, 100_000)).expect("valid config");
     let f1 = ep.guest_syn();
     let f2 = ep.guest(1, 2, flags::ACK, 3, None, &[], b"two");
     e.handle_inner(ms(0), &f1);
@@ -798,7 +806,7 @@ fn buffered_and_direct_modes() {
     e.commit_epoch(ms(6), EpochId(5));
     assert!(drain(&mut e).is_empty());
 
-    let mut d = Engine::new(cfg(Mode::Direct, 100_000));
+    let mut d = Engine::new(cfg(Mode::Direct, 100_000)).expect("valid config");
     d.handle_inner(ms(0), &f1);
     d.handle_outer(ms(0), &f2);
     let out = drain(&mut d);
@@ -823,7 +831,7 @@ fn buffered_and_direct_modes() {
 #[test]
 fn passive_open_is_speculated() {
     let ep = Ep { v6: false };
-    let mut e = Engine::new(cfg(Mode::Speculative, 100_000));
+    let mut e = Engine::new(cfg(Mode::Speculative, 100_000)).expect("valid config");
     // Peer connects to the guest.
     let syn = Build {
         eth_src: PEER_MAC,
@@ -907,7 +915,7 @@ fn global_cap_blocks_new_speculation() {
     let ep = Ep { v6: false };
     let mut c = cfg(Mode::Speculative, 100_000);
     c.global_cap = 4096; // less than the SYN-ACK window (8192)
-    let mut e = Engine::new(c);
+    let mut e = Engine::new(c).expect("valid config");
     e.handle_inner(ms(0), &ep.guest_syn());
     commit_all(&mut e, ms(1));
     e.handle_outer(ms(2), &ep.peer_synack());
@@ -981,7 +989,12 @@ fn fuzz_run(ops: Vec<(u8, Vec<u8>, u16)>, v6: bool) {
         }
         while e.poll_transmit().is_some() {}
         let st = e.stats();
-        assert!(st.bytes_held <= st.bytes_reserved + 1, "{st:?}");
+        e.check_invariants().unwrap_or_else(|err| panic!("{err}: {st:?}"));
+        // Held bytes are reserved (+1: a FIN), until the idle timeout
+        // gives the reservation of a flow still holding bytes back.
+        if now < IDLE.as_millis() as u64 {
+            assert!(st.bytes_held <= st.bytes_reserved + 1, "{st:?}");
+        }
     }
 }
 
@@ -991,7 +1004,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(a in proptest::collection::vec(any::<u8>(), 0..200), b in proptest::collection::vec(any::<u8>(), 0..200)) {
         for mode in [Mode::Speculative, Mode::Buffered, Mode::Direct] {
-            let mut e = Engine::new(cfg(mode, 10_000));
+            let mut e = Engine::new(cfg(mode, 10_000)).expect("valid config");
             e.handle_inner(ms(0), &a);
             e.handle_outer(ms(0), &b);
             // Also as payload of a valid Ethernet/IPv4 header prefix.
@@ -1023,7 +1036,7 @@ fn global_cap_window_update_across_flows() {
     let ep = Ep { v6: false };
     let mut c = cfg(Mode::Speculative, 20_000);
     c.global_cap = 30_000;
-    let mut e = Engine::new(c);
+    let mut e = Engine::new(c).expect("valid config");
     let with_port = |f: Vec<u8>, port: u16, guest: bool| -> Vec<u8> {
         // Re-build the frame with another guest port.
         let s = seg(&f);
@@ -1157,7 +1170,7 @@ fn checksum_offloaded_frames() {
     let goff = 14 + 20 + 16;
     g[goff] = 0;
     g[goff + 1] = 0;
-    let mut e2 = Engine::new(cfg(Mode::Speculative, 10_000));
+    let mut e2 = Engine::new(cfg(Mode::Speculative, 10_000)).expect("valid config");
     e2.handle_inner_with(ms(0), &g, Checksum::Partial);
     let out = commit_all(&mut e2, ms(1));
     assert_eq!(out.len(), 1);
@@ -1169,7 +1182,7 @@ fn zero_window_probes_and_abort_when_peer_is_gone() {
     let ep = Ep { v6: false };
     let mut c = cfg(Mode::Speculative, 100_000);
     c.max_retries = 3;
-    let mut e = Engine::new(c);
+    let mut e = Engine::new(c).expect("valid config");
     e.handle_inner(ms(0), &ep.guest_syn());
     commit_all(&mut e, ms(1));
     e.handle_outer(ms(2), &ep.peer_synack());
@@ -1323,5 +1336,287 @@ fn tail_loss_probe_and_lost_retransmission_beat_the_rto() {
     assert_eq!(e.stats().timeouts, 0);
     e.handle_outer(later + ms(10), &peer_ack(end, &[]));
     assert!(e.is_idle());
+    assert_eq!(e.poll_timeout(), Some(later + ms(10) + IDLE), "only the idle timeout");
+}
+
+/// Fuzzer find: a SACK block whose edges are more than 2^31 apart passed
+/// the pairwise sequence-space trimming (l >= snd_una, r <= snd_max and
+/// l < r all held), so `Flow::pipe` saw 1.5 GB SACKed out of a 7 kB
+/// flight: an overflow (abort with overflow checks), in release a bogus
+/// fast recovery. Blocks outside [snd_una, snd_max] must be ignored.
+#[test]
+fn wrapping_sack_block_is_ignored() {
+    let ep = Ep { v6: false };
+    let mut e = open(ep, 1 << 20);
+    let seg_len = 1388u32;
+    let base = GISN.wrapping_add(1);
+    let data = vec![9u8; seg_len as usize * 5];
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &data),
+    );
+    drain(&mut e);
+    assert_eq!(commit_all(&mut e, ms(20)).len(), 5);
+    let peer_ack =
+        |ack: u32, sack: &[(u32, u32)]| ep.peer(PISN + 1, ack, flags::ACK, 8192, Some((5100, 1100)), sack, &[]);
+    // The fuzzer's block, relative to a snd_una of 1001.
+    let wild = [(base.wrapping_add(1_397_968_838), base.wrapping_add(2_885_680_151))];
+    // Wholly above snd_max, and wholly below snd_una.
+    let above = [(base.wrapping_add(6 * seg_len), base.wrapping_add(9 * seg_len))];
+    let below = [(base.wrapping_sub(9 * seg_len), base.wrapping_sub(seg_len))];
+    for sack in [&wild[..], &above[..], &below[..]] {
+        e.handle_outer(ms(30), &peer_ack(base, sack));
+        assert!(drain(&mut e).is_empty(), "no retransmission for {sack:?}");
+        assert_eq!(e.stats().fast_recoveries, 0, "{sack:?}");
+        assert_eq!(e.stats().retransmits, 0, "{sack:?}");
+    }
+    // A genuine SACK of three segments above a hole still starts recovery
+    // (the block straddling snd_max is trimmed to it).
+    let real = [(base.wrapping_add(2 * seg_len), base.wrapping_add(7 * seg_len))];
+    e.handle_outer(ms(40), &peer_ack(base, &real));
+    let retx: Vec<u32> = drain(&mut e).iter().map(|t| seg(&t.frame).seq).collect();
+    assert_eq!(e.stats().fast_recoveries, 1);
+    assert_eq!(retx.first(), Some(&base), "{retx:?}");
+    e.handle_outer(ms(50), &peer_ack(base.wrapping_add(data.len() as u32), &[]));
+    assert!(e.is_idle());
+}
+
+/// Fuzzer find: a peer RST closing a flow whose tail loss probe was armed
+/// left the probe's deadline behind (`release_all` cleared the RTO and
+/// persist deadlines only), and `handle_timeout` never cleared it either:
+/// `poll_timeout()` stayed in the past for the whole time_wait and a
+/// driver would spin at 100% CPU.
+#[test]
+fn no_timer_stays_due_after_peer_rst() {
+    let ep = Ep { v6: false };
+    let mut e = open(ep, 1 << 20);
+    let seg_len = 1388u32;
+    let base = GISN.wrapping_add(1);
+    let data = vec![5u8; seg_len as usize * 4];
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &data),
+    );
+    drain(&mut e);
+    assert_eq!(commit_all(&mut e, ms(20)).len(), 4);
+    // An RTT sample (10 ms) and the tail still out: the probe is armed.
+    e.handle_outer(
+        ms(30),
+        &ep.peer(
+            PISN + 1,
+            base.wrapping_add(seg_len),
+            flags::ACK,
+            8192,
+            Some((5100, 1100)),
+            &[],
+            &[],
+        ),
+    );
+    let probe_at = e.poll_timeout().expect("tail loss probe armed");
+    assert!(probe_at < ms(100), "{probe_at:?}");
+    // The peer resets the flow before the probe is due.
+    e.handle_outer(ms(40), &ep.peer(PISN + 1, 0, flags::RST, 0, None, &[], &[]));
+    assert_eq!(drain(&mut e).len(), 1, "the RST passes to the guest");
+    assert_eq!(e.stats().speculative_flows, 0);
+    // Drive the timers as a driver would: every deadline handled moves on.
+    let mut now = ms(40);
+    for _ in 0..10 {
+        let Some(d) = e.poll_timeout() else { break };
+        now = now.max(d);
+        e.handle_timeout(now);
+        drain(&mut e);
+        let next = e.poll_timeout();
+        assert!(next.is_none_or(|n| n > now), "timer still due at {now:?}: {next:?}");
+    }
+    assert_eq!(e.stats().tail_probes, 0, "no probe on a closed flow");
+    assert_eq!(e.stats().flows, 0, "removed after time_wait");
+    assert_eq!(e.poll_timeout(), None);
+}
+
+/// Fuzzer find: `min_rto > max_rto` made the first RTT sample panic
+/// (`Duration::clamp`). Inconsistent configurations are refused up front,
+/// with an error naming the field.
+#[test]
+fn inconsistent_config_is_refused() {
+    use remora_speculate::{ConfigError, EngineReplica};
+    let good = cfg(Mode::Speculative, 100_000);
+    assert!(Engine::new(good.clone()).is_ok());
+    assert!(Engine::new(Config::default()).is_ok());
+    let rto = Config {
+        min_rto: Duration::from_secs(2),
+        max_rto: Duration::from_secs(1),
+        initial_rto: Duration::from_secs(1),
+        ..good.clone()
+    };
+    let err = Engine::new(rto.clone()).expect_err("min_rto > max_rto");
+    assert!(matches!(err, ConfigError::RtoBounds { .. }), "{err:?}");
+    assert!(err.to_string().contains("min_rto"), "{err}");
+    // The replica's engine after a failover is checked the same way.
+    assert_eq!(EngineReplica::new().to_engine(rto.clone()).err(), Some(err.clone()));
+    assert_eq!(EngineReplica::new().into_engine(rto).err(), Some(err));
+    let bad: Vec<(&str, Config)> = vec![
+        (
+            "per_flow_budget",
+            Config {
+                per_flow_budget: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "per_flow_budget",
+            Config {
+                per_flow_budget: 3 << 30,
+                ..good.clone()
+            },
+        ),
+        (
+            "global_cap",
+            Config {
+                global_cap: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "buffered_cap",
+            Config {
+                buffered_cap: 0,
+                ..good.clone()
+            },
+        ),
+        ("mtu", Config { mtu: 0, ..good.clone() }),
+        (
+            "mtu",
+            Config {
+                mtu: 100_000,
+                ..good.clone()
+            },
+        ),
+        (
+            "tso_max",
+            Config {
+                tso_max: 65_536,
+                ..good.clone()
+            },
+        ),
+        (
+            "initial_cwnd",
+            Config {
+                initial_cwnd: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "min_rto",
+            Config {
+                min_rto: Duration::ZERO,
+                ..good.clone()
+            },
+        ),
+        (
+            "initial_rto",
+            Config {
+                initial_rto: Duration::ZERO,
+                ..good.clone()
+            },
+        ),
+        (
+            "initial_rto",
+            Config {
+                initial_rto: Duration::from_secs(120),
+                ..good.clone()
+            },
+        ),
+        (
+            "max_rto",
+            Config {
+                max_rto: Duration::MAX,
+                ..good.clone()
+            },
+        ),
+        (
+            "handshake_timeout",
+            Config {
+                handshake_timeout: Duration::ZERO,
+                ..good.clone()
+            },
+        ),
+        (
+            "time_wait",
+            Config {
+                time_wait: Duration::MAX,
+                ..good.clone()
+            },
+        ),
+    ];
+    for (field, c) in bad {
+        let err = Engine::new(c.clone()).expect_err(field);
+        assert!(err.to_string().contains(field), "{field}: {err}");
+        assert_eq!(c.validate(), Err(err));
+    }
+    // Allowed extremes.
+    for c in [
+        Config {
+            max_flows: 0,
+            ..good.clone()
+        },
+        Config {
+            time_wait: Duration::ZERO,
+            rst_linger: Duration::ZERO,
+            ..good.clone()
+        },
+        Config {
+            per_flow_budget: 1,
+            global_cap: 1,
+            ..good.clone()
+        },
+    ] {
+        assert_eq!(c.validate(), Ok(()), "{c:?}");
+    }
+}
+
+/// Fuzzer find: a guest RST waiting for the peer's ACK of the data before
+/// it, then an abort (the peer is gone): the abort resets both sides, but
+/// the pending RST stayed pending, was sent again at its linger deadline,
+/// and with `time_wait` 0 the flow stayed due forever (`poll_timeout() ==
+/// now` after `handle_timeout(now)`).
+#[test]
+fn abort_with_a_guest_rst_pending_resets_once_and_goes() {
+    let ep = Ep { v6: false };
+    let mut e = open_with(
+        ep,
+        Config {
+            max_retries: 1,
+            time_wait: Duration::ZERO,
+            ..cfg(Mode::Speculative, 100_000)
+        },
+    );
+    let base = GISN.wrapping_add(1);
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &[4; 500]),
+    );
+    e.handle_inner(
+        ms(11),
+        &ep.guest(base.wrapping_add(500), PISN + 1, flags::RST, 0, None, &[], &[]),
+    );
+    drain(&mut e);
+    let out = commit_all(&mut e, ms(20));
+    assert_eq!(out.len(), 1, "the data; the RST waits for its ACK");
+    let mut rsts = 0;
+    let mut now = ms(20);
+    for _ in 0..20 {
+        let Some(d) = e.poll_timeout() else { break };
+        now = now.max(d);
+        e.handle_timeout(now);
+        rsts += drain(&mut e)
+            .iter()
+            .filter(|t| t.to == Side::Outer && seg(&t.frame).has(flags::RST))
+            .count();
+        let next = e.poll_timeout();
+        assert!(next.is_none_or(|n| n > now), "still due at {now:?}: {next:?}");
+    }
+    assert_eq!(e.stats().aborted_flows, 1);
+    assert_eq!(rsts, 1, "one RST to the peer");
+    assert_eq!(e.stats().flows, 0);
     assert_eq!(e.poll_timeout(), None);
 }

@@ -156,14 +156,15 @@ fn mid_stream_flow_falls_back_and_works() {
     sim.engine = remora_speculate::Engine::new(remora_speculate::Config {
         mode: Mode::Direct,
         ..cfg.clone()
-    });
+    })
+    .expect("valid config");
     sim.guest.data.truncate(0);
     sim.guest.fin_wanted = false;
     let d = data(p.len, 3);
     assert!(sim.run_until(5_000, |s| s.guest.st == St::Established && s.peer.st == St::Established));
     sim.guest.data = d;
     sim.guest.fin_wanted = true;
-    sim.engine = remora_speculate::Engine::new(cfg);
+    sim.engine = remora_speculate::Engine::new(cfg).expect("valid config");
     sim.guest.rto_ms = Some(300);
     let ok = sim.run_until(200_000, |s| {
         s.guest.all_acked() && s.peer.all_acked() && s.peer.fin_rcvd && s.guest.fin_rcvd

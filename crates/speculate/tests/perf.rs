@@ -43,7 +43,8 @@ fn run(mode: Mode, total: usize) -> (Duration, u64) {
         mode,
         per_flow_budget: 8 << 20,
         ..Config::default()
-    });
+    })
+    .expect("valid config");
     let t = |ms: u64| Duration::from_millis(ms);
     let (gisn, pisn) = (1000u32, 5000u32);
     e.handle_inner(t(0), &frame(g, true, gisn, 0, flags::SYN, 65535, (1, 0), &[]));

@@ -52,7 +52,7 @@ impl World {
     fn new(mode: Mode, cfg: Config, req_len: usize, resp_len: usize) -> World {
         World {
             now: 0,
-            engine: Engine::new(Config { mode, ..cfg }),
+            engine: Engine::new(Config { mode, ..cfg }).expect("valid config"),
             conns: Vec::new(),
             by_port: HashMap::new(),
             to_peer: Link::new(0, 0, 1, 0),

@@ -323,7 +323,8 @@ fn open_virtio(
                 announce: true,
             }),
             (None, Some(cfg)) => net.set_output_commit(OutputSetup {
-                engine: remora_speculate::Engine::new(cfg.clone()),
+                engine: remora_speculate::Engine::new(cfg.clone())
+                    .map_err(|e| VmError::Setup(format!("speculative engine: {e}")))?,
                 now: Duration::ZERO,
                 announce: false,
             }),

@@ -625,7 +625,7 @@ pub struct Sim {
 #[derive(Debug)]
 pub struct Replication {
     pub replica: EngineReplica,
-    /// Compare `replica.to_engine()` with the primary after every apply.
+    /// Compare `replica.to_engine().expect("valid config")` with the primary after every apply.
     pub verify: bool,
     /// After applying the checkpoint of this epoch, apply no more (the
     /// primary dies before the next checkpoint is complete on the backup);
@@ -687,7 +687,10 @@ impl Replication {
             } else {
                 engine
             };
-            if let Some(diff) = engine_diff(&self.replica.to_engine(primary.config().clone()), primary) {
+            if let Some(diff) = engine_diff(
+                &self.replica.to_engine(primary.config().clone()).expect("valid config"),
+                primary,
+            ) {
                 self.errors
                     .push(format!("t={now} epoch {id:?}: replica differs: {diff}"));
             }
@@ -783,7 +786,7 @@ impl Sim {
         };
         Sim {
             now: 0,
-            engine: Engine::new(cfg),
+            engine: Engine::new(cfg).expect("valid config"),
             guest,
             peer,
             to_peer: Link::new(loss, dup, 5, jitter),
@@ -991,7 +994,7 @@ pub fn run(p: &Params) -> Sim {
             tso_max: 64_000,
             ..sim.engine.config().clone()
         };
-        sim.engine = remora_speculate::Engine::new(cfg);
+        sim.engine = remora_speculate::Engine::new(cfg).expect("valid config");
     }
     sim.epoch_ms = p.epoch_ms;
     sim.commit_delay = p.commit_delay;
