@@ -34,7 +34,9 @@
 mod common;
 
 use common::*;
-use remora_netlab::{process, CapturedFrame, CorruptProxy, Direction, HaLan, LanPort, BACKUP_REPL_IP, GUEST_IP};
+use remora_netlab::{
+    process, CapturedFrame, CorruptProxy, Direction, EtcdCluster, HaLan, Host, LanPort, BACKUP_REPL_IP, ETCD_IPS, GUEST_IP,
+};
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -84,22 +86,17 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(20);
 // The fence: the one place that switches the fence-dependent kinds on.
 // ---------------------------------------------------------------------
 
-/// Whether remora has the etcd fence (`--fence etcd=URL[,URL...][,key=PREFIX]`
-/// on `remora run` and `remora backup`) and `HaLan` an etcd namespace.
-/// To enable the fence-dependent kinds once the fence is on main: set this
-/// to true and make [`fence_arg`] return the argument (the kinds that cut a
-/// host from etcd also need their `inject` arm, see [`Fault::EtcdCutPrimary`]).
-const FENCE: bool = false;
+/// Whether trials run with the etcd fence (`--fence etcd=URL,key=PREFIX` on
+/// `remora run` and `remora backup`, a real etcd on HaLan's fence
+/// network). Without it the kinds that need it are skipped (they can
+/// legitimately leave two active copies).
+const FENCE: bool = true;
 
 /// The `--fence` option both commands of a trial get (the same key prefix
 /// for both: they share the VM's generation counter), or `None`.
-fn fence_arg(_ha: &Ha) -> Option<String> {
-    if !FENCE {
-        return None;
-    }
-    // Once HaLan runs etcd, e.g.:
-    // Some(format!("etcd={},key=/remora/faults/{}", ha.lan.etcd_url(), ha.tag))
-    None
+fn fence_arg(ha: &Ha) -> Option<String> {
+    let etcd = ha.etcd.as_ref()?;
+    Some(format!("{},key=/remora/faults/{}", etcd.fence_arg(), ha.tag))
 }
 
 // ---------------------------------------------------------------------
@@ -329,13 +326,20 @@ struct Ha {
     bsock: PathBuf,
     port: u16,
     proxy: Option<CorruptProxy>,
+    /// The fence's etcd (with [`FENCE`]).
+    etcd: Option<EtcdCluster>,
 }
 
 impl Ha {
     fn new(index: usize) -> Ha {
         // Namespace names are `rm<tag><role><pid><n>` (12 characters at
         // most): the counter inside keeps them unique per process.
-        let lan = HaLan::new("f").expect("namespaces");
+        let lan = if FENCE {
+            HaLan::new_fenced("f").expect("namespaces")
+        } else {
+            HaLan::new("f").expect("namespaces")
+        };
+        let etcd = FENCE.then(|| EtcdCluster::start(lan.fence.as_ref(), &ETCD_IPS[..1], 2379).expect("etcd"));
         let tag = format!("t{index}");
         let dir = std::env::temp_dir().join(format!("remora-faults-{}-{index}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -350,6 +354,7 @@ impl Ha {
             backup: None,
             port: 7000 + (index % 1000) as u16,
             proxy: None,
+            etcd,
         }
     }
 
@@ -1005,8 +1010,16 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
             }
         }
         Fault::EtcdCutPrimary | Fault::EtcdCutBackup => {
-            // Once HaLan has etcd: cut that host's path to it here.
-            unreachable!("{} needs HaLan's etcd", fault.name())
+            let host = if fault == Fault::EtcdCutPrimary {
+                Host::Primary
+            } else {
+                Host::Backup
+            };
+            let ms = rng.range(500, 3000);
+            ha.lan.cut_fence(host).expect("cut from etcd");
+            std::thread::sleep(Duration::from_millis(ms));
+            ha.lan.heal_fence(host).expect("heal etcd");
+            format!("{host:?} cut from etcd for {ms} ms")
         }
         Fault::KillPrimaryPrecopy => unreachable!(),
     };
