@@ -1051,12 +1051,16 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
             }
         }
     }
-    // The checkers go on after the fault on whichever host runs the guest.
+    // The backup opens its control socket when it takes over.
+    let took_over = ctl(&ha.bsock, &["status"]).0;
+    // The checkers go on after the fault on the host that runs the guest
+    // (a primary fenced off after a takeover has stopped: not its job).
+    let runs = if took_over { "backup" } else { "primary" };
     let mut progress = Vec::new();
     for (who, h) in [("primary", ha.primary.as_mut()), ("backup", ha.backup.as_mut())] {
         let Some(h) = h else { continue };
-        if h.lines_so_far().is_empty() {
-            continue; // a backup that never ran the guest
+        if who != runs || h.lines_so_far().is_empty() {
+            continue; // not the host running the guest, or it never ran it
         }
         let more_rounds = h
             .wait_line_where(
@@ -1073,8 +1077,6 @@ fn stream_trial(plan: &Plan, rng: &mut Rng, r: &mut TrialResult) {
         progress.push((who, more_rounds, more_checks));
     }
     let status_after = ctl(&ha.psock, &["status"]).1;
-    // The backup opens its control socket when it takes over.
-    let took_over = ctl(&ha.bsock, &["status"]).0;
     std::thread::sleep(Duration::from_millis(200));
     let (frames, dropped) = cap.stop_lossy().expect("LAN capture");
     // Stop the primary first: a backup still standing by is told and exits.
