@@ -584,6 +584,11 @@ fn replicate(inner: &Arc<Inner>, addr: SocketAddr) -> String {
         Ok(t) => t,
         Err(e) => return e,
     };
+    // A write that makes no progress for this long means the link is cut
+    // (a blocked writer would otherwise never see the reader's verdict,
+    // and the VM's output would stay held): it fails the protection.
+    let stall = (opts.heartbeat_timeout * 2).max(Duration::from_millis(500));
+    let _ = writer.raw().set_write_timeout(Some(stall));
     // Hello, and the backup's answer.
     let start = Instant::now();
     while let Some(b) = session.poll_output() {
