@@ -54,23 +54,7 @@ struct Opts<'a> {
 impl Pair {
     fn new(tag: &str) -> Pair {
         require_kvm();
-        let lan = HaLan::new(tag).expect("namespaces");
-        let dir = std::env::temp_dir().join(format!("remora-repl-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Pair {
-            psock: dir.join("primary.sock"),
-            bsock: dir.join("backup.sock"),
-            lan,
-            dir,
-            primary: None,
-            backup: None,
-            port: next_port(),
-            fence: None,
-            etcd: None,
-            primary_extra: Vec::new(),
-            backup_extra: Vec::new(),
-        }
+        Pair::on(tag, HaLan::new(tag).expect("namespaces"), None)
     }
 
     /// A pair fenced by a real etcd of `nodes` members on the fence network.
@@ -82,6 +66,10 @@ impl Pair {
         );
         let lan = HaLan::new_fenced(tag).expect("namespaces");
         let etcd = EtcdCluster::start(lan.fence.as_ref(), &ETCD_IPS[..nodes], 2379).expect("etcd");
+        Pair::on(tag, lan, Some(etcd))
+    }
+
+    fn on(tag: &str, lan: HaLan, etcd: Option<EtcdCluster>) -> Pair {
         let dir = std::env::temp_dir().join(format!("remora-repl-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -93,8 +81,8 @@ impl Pair {
             primary: None,
             backup: None,
             port: next_port(),
-            fence: Some(etcd.fence_arg()),
-            etcd: Some(etcd),
+            fence: etcd.as_ref().map(EtcdCluster::fence_arg),
+            etcd,
             primary_extra: Vec::new(),
             backup_extra: Vec::new(),
         }
