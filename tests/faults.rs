@@ -35,7 +35,8 @@ mod common;
 
 use common::*;
 use remora_netlab::{
-    process, CapturedFrame, CorruptProxy, Direction, EtcdCluster, HaLan, Host, LanPort, BACKUP_REPL_IP, ETCD_IPS, GUEST_IP,
+    process, CapturedFrame, CorruptProxy, Direction, EtcdCluster, HaLan, Host, LanPort, BACKUP_REPL_IP, ETCD_IPS,
+    GUEST_IP,
 };
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
