@@ -1029,6 +1029,18 @@ fn load_run_with(mode: Mode, workloads: &str, extras: Extras) -> Result<Load, St
     let stop = Arc::new(AtomicBool::new(false));
     let poller = vm.protected().then(|| poll_status(vm.psock.clone(), stop.clone()));
     let (pp, bp) = (vm.primary_pid(), vm.backup_pid());
+    // Connected first: a connect that waits for ARP is not in the window.
+    let (src, snk) = match (connect(&vm.lan, SOURCE), connect(&vm.lan, SINK)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            stop.store(true, Ordering::Relaxed);
+            if let Some(h) = poller {
+                let _ = h.join();
+            }
+            vm.check_protected().map_err(|p| format!("{e}; {p}"))?;
+            return Err(format!("{e}; still protected: {}", vm.status()));
+        }
+    };
     let th0 = thread_cpu(pp);
     let (c0, bc0, x0, t0) = (cpu_secs(pp), cpu_secs(bp), tx_bytes(pp, "repl0"), Instant::now());
     let e0 = num(&vm.status(), "epoch").unwrap_or(0);
@@ -1038,11 +1050,10 @@ fn load_run_with(mode: Mode, workloads: &str, extras: Extras) -> Result<Load, St
     // drain (up to 20 s on a loaded machine), which would dilute the rates.
     let mut end = None;
     // Both ways at once; each stream measures itself.
-    let lan = &vm.lan;
     let psock = vm.psock.clone();
     let streams = std::thread::scope(|sc| -> Result<(), String> {
-        let a = sc.spawn(|| stream_for(lan, true, LOAD_RUN));
-        let b = sc.spawn(|| stream_for(lan, false, LOAD_RUN));
+        let a = sc.spawn(|| stream_for(src, true, LOAD_RUN));
+        let b = sc.spawn(|| stream_for(snk, false, LOAD_RUN));
         std::thread::sleep(LOAD_RUN / 2);
         rss = (rss_kib(pp).0, rss_kib(bp).0);
         std::thread::sleep(LOAD_RUN.saturating_sub(t0.elapsed()));
@@ -1100,11 +1111,10 @@ fn load_run_with(mode: Mode, workloads: &str, extras: Extras) -> Result<Load, St
     })
 }
 
-/// An unpaced stream for `d` (guest->client or client->guest); Gbit/s over
+/// An unpaced stream on `s` (connected to `source` or `sink`) for `d`; Gbit/s over
 /// the whole time (the receiver's view for guest->client, the guest's
 /// acknowledgements for client->guest).
-fn stream_for(lan: &HaLan, from_guest: bool, d: Duration) -> Result<f64, String> {
-    let s = connect(lan, if from_guest { SOURCE } else { SINK })?;
+fn stream_for(s: TcpStream, from_guest: bool, d: Duration) -> Result<f64, String> {
     let t0 = Instant::now();
     let mut n = 0u64;
     if from_guest {
