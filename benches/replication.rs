@@ -43,10 +43,21 @@
 //! 7. Unprotected remora vs QEMU microvm (virtio-net-device, vhost=off) on
 //!    the same primary host: 512 MiB guest->client, fixed size, QEMU_RUNS
 //!    runs each, alternating.
+//! 8. Failover with and without the fence: cell 3's trial on a plain pair
+//!    and on a fenced one (`HaLan::new_fenced`, a one-member etcd on the
+//!    fence network, `--fence` on both), FENCE_FAILOVERS kills each,
+//!    alternating, at the same kill moments; the backup's own
+//!    `(fence N ms)` part of its detect beside the rest.
+//! 9. TLS cost: cells 2/4's loaded run (speculative, 25 ms, streams both
+//!    ways) on a plain pair and with mutual TLS on the replication link
+//!    (certificates from `remora certs`), TLS_RUNS each, alternating:
+//!    checkpoint pause, bytes per checkpoint (status and on the wire),
+//!    repl0 throughput, the primary's CPU.
 //!
-//! REMORA_BENCH_ONLY=throughput,pause,failover,memory,qemu runs a subset
-//! (for quick looks; `pause` includes the replication link and CPU cells);
-//! REMORA_BENCH_FAILOVERS=N changes the number of kills;
+//! REMORA_BENCH_ONLY=throughput,pause,failover,memory,qemu,fence,tls runs a
+//! subset (for quick looks; `pause` includes the replication link and CPU
+//! cells); REMORA_BENCH_FAILOVERS=N changes the number of kills of cell 3,
+//! REMORA_BENCH_FENCE_FAILOVERS=N those of cell 8 (per setup);
 //! REMORA_BENCH_EPOCHS=25 and REMORA_BENCH_MODES=speculative narrow cells
 //! 1 and 6;
 //! REMORA_BENCH_VERBOSE=1 prints more. Prints the table, writes
@@ -68,7 +79,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Running;
-use remora_netlab::{HaLan, LanPort, BACKUP_REPL_IP, GUEST_IP};
+use remora_netlab::{EtcdCluster, HaLan, LanPort, BACKUP_REPL_IP, ETCD_IPS, GUEST_IP};
 
 const MAC: &str = "52:54:00:12:34:56";
 const MEM_MIB: u64 = 512;
@@ -81,6 +92,8 @@ const EPOCHS_MS: [u64; 3] = [10, 25, 50];
 /// The epoch the targets are stated at (remora's default).
 const TARGET_EPOCH: u64 = 25;
 const FAILOVERS: usize = 20;
+/// Cell 8: kills per setup (unfenced, fenced).
+const FENCE_FAILOVERS: usize = 10;
 /// Request/response: at most this many round trips or this long, per run.
 const RR_MAX: usize = 2000;
 const RR_TIME: Duration = Duration::from_millis(1500);
@@ -134,9 +147,21 @@ enum Kind {
     Qemu,
 }
 
+/// What a protected pair adds to cells 2-4's plain one (cells 8 and 9).
+#[derive(Debug, Clone, Default)]
+struct Extras {
+    /// A one-member etcd on the fence network, `--fence` on both.
+    fence: bool,
+    /// Mutual TLS on the replication link: (primary's, backup's) options.
+    tls: Option<(Vec<String>, Vec<String>)>,
+}
+
 /// A guest on a fresh `HaLan`: the primary (and, protected, a backup).
 struct Vm {
+    /// Before `lan`: dropped (its members killed) before the namespaces go.
+    etcd: Option<EtcdCluster>,
     lan: HaLan,
+    extras: Extras,
     dir: PathBuf,
     kind: Kind,
     primary: Option<Running>,
@@ -154,14 +179,31 @@ fn tag_dir(tag: &str) -> PathBuf {
 impl Vm {
     /// Boots `workloads` under `kind`; protected ones wait for `protected=yes`.
     fn start(kind: Kind, workloads: &str) -> Result<Vm, String> {
-        let lan = HaLan::new("rb").map_err(|e| format!("namespaces (run as root): {e}"))?;
+        Vm::start_with(kind, workloads, Extras::default())
+    }
+
+    /// [`Vm::start`] with a fence and/or TLS on the pair.
+    fn start_with(kind: Kind, workloads: &str, extras: Extras) -> Result<Vm, String> {
+        let (lan, etcd) = if extras.fence {
+            let lan = HaLan::new_fenced("rb").map_err(|e| format!("namespaces (run as root): {e}"))?;
+            let etcd =
+                EtcdCluster::start(lan.fence.as_ref(), &ETCD_IPS[..1], 2379).map_err(|e| format!("etcd: {e}"))?;
+            (lan, Some(etcd))
+        } else {
+            (
+                HaLan::new("rb").map_err(|e| format!("namespaces (run as root): {e}"))?,
+                None,
+            )
+        };
         let dir = tag_dir("vm");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let mut vm = Vm {
             psock: dir.join("primary.sock"),
             bsock: dir.join("backup.sock"),
+            etcd,
             lan,
+            extras,
             dir,
             kind,
             primary: None,
@@ -191,6 +233,10 @@ impl Vm {
                         "--output",
                         mode.name(),
                     ]);
+                    c.args(vm.fence_args());
+                    if let Some((p, _)) = &vm.extras.tls {
+                        c.args(p);
+                    }
                 }
                 c
             }
@@ -212,7 +258,11 @@ impl Vm {
         let mut cmd = self.lan.backup.command(common::remora_bin().to_str().unwrap());
         cmd.args(["backup", "--listen", &format!("{BACKUP_REPL_IP}:{REPL_PORT}")])
             .args(["--net", &format!("tap={},mac={MAC}", self.lan.tap)])
-            .args(["--control", self.bsock.to_str().unwrap()]);
+            .args(["--control", self.bsock.to_str().unwrap()])
+            .args(self.fence_args());
+        if let Some((_, b)) = &self.extras.tls {
+            cmd.args(b);
+        }
         self.backup = Some(common::spawn(&mut cmd));
         if common::wait_listening(&self.lan.backup, REPL_PORT, Duration::from_secs(10)) {
             Ok(())
@@ -223,6 +273,14 @@ impl Vm {
 
     fn status(&self) -> String {
         status(&self.psock)
+    }
+
+    /// `--fence etcd=URL` for a fenced pair, else nothing.
+    fn fence_args(&self) -> Vec<String> {
+        match &self.etcd {
+            Some(e) => vec!["--fence".into(), e.fence_arg()],
+            None => Vec::new(),
+        }
     }
 
     fn wait_status(&self, want: &str, timeout: Duration) -> Result<String, String> {
@@ -449,11 +507,23 @@ fn tx_bytes(pid: u32, dev: &str) -> u64 {
 /// A TCP connection from the client namespace to the guest.
 fn connect(lan: &HaLan, port: u16) -> Result<TcpStream, String> {
     let addr: SocketAddr = format!("{GUEST_IP}:{port}").parse().unwrap();
-    lan.client
-        .spawn_thread(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-        .join()
-        .unwrap()
-        .map_err(|e| format!("connect to {addr}: {e}"))
+    // EHOSTUNREACH (the guest's ARP reply not seen within the kernel's 3
+    // solicitations, seen on a loaded machine) is tried again, twice.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let r = lan
+            .client
+            .spawn_thread(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .join()
+            .unwrap();
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EHOSTUNREACH) && tries < 3 => {
+                eprintln!("connect to {addr}: {e}: trying again");
+            }
+            r => return r.map_err(|e| format!("connect to {addr} (try {tries}): {e}")),
+        }
+    }
 }
 
 /// Makes closing `s` reset the connection at once (SO_LINGER 0), so the
@@ -942,37 +1012,76 @@ struct Load {
 /// Streams both ways through a fresh VM of `mode` (25 ms epochs) for
 /// LOAD_RUN, measuring the primary (and backup) meanwhile.
 fn load_run(mode: Mode, workloads: &str) -> Result<Load, String> {
-    let mut vm = Vm::start(
+    load_run_with(mode, workloads, Extras::default())
+}
+
+/// [`load_run`] on a pair with `extras` (cell 9: mutual TLS).
+fn load_run_with(mode: Mode, workloads: &str, extras: Extras) -> Result<Load, String> {
+    let mut vm = Vm::start_with(
         Kind::Remora {
             mode,
             epoch_ms: TARGET_EPOCH,
         },
         workloads,
+        extras,
     )?;
     std::thread::sleep(Duration::from_millis(300));
     let stop = Arc::new(AtomicBool::new(false));
     let poller = vm.protected().then(|| poll_status(vm.psock.clone(), stop.clone()));
     let (pp, bp) = (vm.primary_pid(), vm.backup_pid());
+    // Connected first: a connect that waits for ARP is not in the window.
+    let (src, snk) = match (connect(&vm.lan, SOURCE), connect(&vm.lan, SINK)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            stop.store(true, Ordering::Relaxed);
+            if let Some(h) = poller {
+                let _ = h.join();
+            }
+            vm.check_protected().map_err(|p| format!("{e}; {p}"))?;
+            return Err(format!("{e}; still protected: {}", vm.status()));
+        }
+    };
     let th0 = thread_cpu(pp);
     let (c0, bc0, x0, t0) = (cpu_secs(pp), cpu_secs(bp), tx_bytes(pp, "repl0"), Instant::now());
     let e0 = num(&vm.status(), "epoch").unwrap_or(0);
     let (mut g2c, mut c2g) = (0.0, 0.0);
     let mut rss = (0u64, 0u64);
+    // The primary's figures at the end of LOAD_RUN: not after the sink's
+    // drain (up to 20 s on a loaded machine), which would dilute the rates.
+    let mut end = None;
     // Both ways at once; each stream measures itself.
-    let lan = &vm.lan;
-    std::thread::scope(|sc| -> Result<(), String> {
-        let a = sc.spawn(|| stream_for(lan, true, LOAD_RUN));
-        let b = sc.spawn(|| stream_for(lan, false, LOAD_RUN));
+    let psock = vm.psock.clone();
+    let streams = std::thread::scope(|sc| -> Result<(), String> {
+        let a = sc.spawn(|| stream_for(src, true, LOAD_RUN));
+        let b = sc.spawn(|| stream_for(snk, false, LOAD_RUN));
         std::thread::sleep(LOAD_RUN / 2);
         rss = (rss_kib(pp).0, rss_kib(bp).0);
+        std::thread::sleep(LOAD_RUN.saturating_sub(t0.elapsed()));
+        end = Some((
+            t0.elapsed().as_secs_f64(),
+            cpu_secs(pp),
+            cpu_secs(bp),
+            tx_bytes(pp, "repl0"),
+            thread_cpu(pp),
+            status(&psock),
+        ));
+        // Checkpoints sampled during the window only.
+        stop.store(true, Ordering::Relaxed);
         g2c = a.join().unwrap()?;
         c2g = b.join().unwrap()?;
         Ok(())
-    })?;
-    let secs = t0.elapsed().as_secs_f64();
-    let (c1, bc1, x1) = (cpu_secs(pp), cpu_secs(bp), tx_bytes(pp, "repl0"));
-    let threads = group_cpu(&th0, &thread_cpu(pp));
-    let last = vm.status();
+    });
+    if let Err(e) = streams {
+        // A stream that failed because protection was lost says so.
+        stop.store(true, Ordering::Relaxed);
+        if let Some(h) = poller {
+            let _ = h.join();
+        }
+        vm.check_protected().map_err(|p| format!("{e}; {p}"))?;
+        return Err(format!("{e}; still protected: {}", vm.status()));
+    }
+    let (secs, c1, bc1, x1, th1, last) = end.expect("the window's end");
+    let threads = group_cpu(&th0, &th1);
     let e1 = num(&last, "epoch").unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
     let polled = poller.map(|h| h.join().unwrap()).unwrap_or_default();
@@ -1002,11 +1111,10 @@ fn load_run(mode: Mode, workloads: &str) -> Result<Load, String> {
     })
 }
 
-/// An unpaced stream for `d` (guest->client or client->guest); Gbit/s over
+/// An unpaced stream on `s` (connected to `source` or `sink`) for `d`; Gbit/s over
 /// the whole time (the receiver's view for guest->client, the guest's
 /// acknowledgements for client->guest).
-fn stream_for(lan: &HaLan, from_guest: bool, d: Duration) -> Result<f64, String> {
-    let s = connect(lan, if from_guest { SOURCE } else { SINK })?;
+fn stream_for(s: TcpStream, from_guest: bool, d: Duration) -> Result<f64, String> {
     let t0 = Instant::now();
     let mut n = 0u64;
     if from_guest {
@@ -1053,6 +1161,8 @@ struct Failover {
     /// Kill -> the backup's host's first frame with stream data (LAN capture).
     first_frame_ms: f64,
     detect_ms: f64,
+    /// The part of detect spent on the fence (`(fence N ms)`; 0 unfenced).
+    fence_ms: f64,
     restore_ms: f64,
     running_ms: f64,
     /// Bytes read before / after the kill.
@@ -1077,12 +1187,22 @@ impl From<String> for TrialError {
 }
 
 fn failover_trial(kill_after: Duration) -> Result<Failover, TrialError> {
-    let mut vm = Vm::start(
+    failover_trial_with(kill_after, false)
+}
+
+/// [`failover_trial`] on a pair fenced by a one-member etcd (cell 8), or
+/// not.
+fn failover_trial_with(kill_after: Duration, fenced: bool) -> Result<Failover, TrialError> {
+    let mut vm = Vm::start_with(
         Kind::Remora {
             mode: Mode::Speculative,
             epoch_ms: TARGET_EPOCH,
         },
         &format!("source:{SOURCE}:1000000"),
+        Extras {
+            fence: fenced,
+            tls: None,
+        },
     )?;
     let mut s = connect(&vm.lan, SOURCE)?;
     reset_on_close(&s);
@@ -1157,6 +1277,13 @@ fn failover_trial(kill_after: Duration) -> Result<Failover, TrialError> {
         .find(|l| l.contains("remora backup: failover:"))
         .ok_or_else(|| format!("no failover line from the backup\n{}", diag()))?
         .to_string();
+    if fenced && !brun.stderr.contains("fence: generation 1 -> 2") {
+        return Err(format!(
+            "the fenced backup took over without moving the generation 1 -> 2\n{}",
+            diag()
+        )
+        .into());
+    }
     let after_ms = |key: &str| {
         line.split(key)
             .nth(1)
@@ -1193,6 +1320,7 @@ fn failover_trial(kill_after: Duration) -> Result<Failover, TrialError> {
         gap_ms: (resume - prev).as_secs_f64() * 1e3,
         first_frame_ms: (first.saturating_duration_since(killed)).as_secs_f64() * 1e3,
         detect_ms: after_ms("detect "),
+        fence_ms: after_ms("(fence "),
         restore_ms: after_ms("restore "),
         running_ms: after_ms("guest running "),
         before,
@@ -1212,6 +1340,171 @@ fn parse_mac(s: &str) -> [u8; 6] {
 /// Kill moments spread over [1.0, 2.0) s into the stream.
 fn kill_moment(i: usize, n: usize) -> Duration {
     Duration::from_millis(1000 + (1000 * i / n.max(1)) as u64)
+}
+
+// ---------------------------------------------------------------- 8: failover and the fence
+
+/// Cell 8's setups: (name, fenced).
+const FENCE_SETUPS: [(&str, bool); 2] = [("no fence", false), ("fence", true)];
+
+/// One setup's failover trials.
+#[derive(Default)]
+struct FenceCell {
+    fo: Vec<Failover>,
+    failed: usize,
+    lost: usize,
+}
+
+/// `n` kills each way, alternating unfenced and fenced trials at the same
+/// kill moments; a trial whose VM lost protection before the kill is
+/// replaced (at most 5 per setup).
+fn fence_cell(n: usize, started: Instant, problems: &mut Problems) -> [FenceCell; 2] {
+    if !remora_netlab::etcd::available() {
+        problems.add("fence: etcd is not installed (scripts/deps.sh installs etcd-server)".into());
+        return Default::default();
+    }
+    let mut cells: [FenceCell; 2] = Default::default();
+    let mut i = 0;
+    loop {
+        let mut ran = false;
+        for (k, (name, fenced)) in FENCE_SETUPS.iter().enumerate() {
+            let c = &mut cells[k];
+            if c.fo.len() + c.failed >= n || c.lost >= 5 {
+                continue;
+            }
+            ran = true;
+            let at = kill_moment((c.fo.len() + c.failed) % n, n);
+            i += 1;
+            match failover_trial_with(at, *fenced) {
+                Ok(f) => {
+                    eprintln!(
+                        "{} {name} failover trial {} (kill at {:?}): data again after {:.0} ms (backup's first frame {:.0} ms); backup: detect {} (fence {}) restore {} running {} ms",
+                        elapsed(started),
+                        c.fo.len() + c.failed + 1,
+                        at,
+                        f.resume_ms,
+                        f.first_frame_ms,
+                        f.detect_ms,
+                        f.fence_ms,
+                        f.restore_ms,
+                        f.running_ms
+                    );
+                    c.fo.push(f);
+                }
+                Err(TrialError::LostBeforeKill(e)) => {
+                    c.lost += 1;
+                    problems.add(format!(
+                        "{name} failover trial {i} (kill due at {at:?}): protection lost BEFORE the kill (trial replaced): {e}"
+                    ));
+                }
+                Err(TrialError::Failed(e)) => {
+                    c.failed += 1;
+                    problems.add(format!("{name} failover trial {i} (kill at {at:?}): {e}"));
+                }
+            }
+        }
+        if !ran {
+            return cells;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- 9: TLS cost
+
+/// Cell 9's setups: (name, mutual TLS).
+const TLS_SETUPS: [(&str, bool); 2] = [("plaintext", false), ("mTLS", true)];
+/// Cell 9: runs per setup (alternating).
+const TLS_RUNS: usize = 4;
+
+/// A CA and a primary's and a backup's certificates (`remora certs`) in
+/// `dir`; (primary's, backup's) `--tls-*` options.
+fn make_certs(dir: &Path) -> Result<(Vec<String>, Vec<String>), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    let d = dir.to_str().unwrap();
+    for args in [
+        vec!["certs", "init", "--dir", d],
+        vec![
+            "certs",
+            "issue",
+            "--dir",
+            d,
+            "backup1",
+            "--role",
+            "backup",
+            "--san",
+            BACKUP_REPL_IP,
+        ],
+        vec!["certs", "issue", "--dir", d, "primary1", "--role", "primary"],
+    ] {
+        let r = common::run_remora(&args, Duration::from_secs(20));
+        if !r.status.success() {
+            return Err(format!("remora {}: {}", args.join(" "), r.stderr));
+        }
+    }
+    let ca = dir.join("ca.pem").display().to_string();
+    let opts = |name: &str| -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            dir.join(format!("{name}.pem")).display().to_string(),
+            "--tls-key".into(),
+            dir.join(format!("{name}.key")).display().to_string(),
+            "--tls-ca".into(),
+            ca.clone(),
+        ]
+    };
+    Ok((opts("primary1"), opts("backup1")))
+}
+
+/// Cells 2/4's loaded run (speculative, 25 ms, streams both ways), plain
+/// and with mutual TLS, TLS_RUNS valid runs each, alternating; a failed
+/// run (e.g. protection lost) is reported and taken again, at most
+/// TLS_RUNS + 3 attempts per setup. Returns the runs and the attempts.
+fn tls_cell(started: Instant, problems: &mut Problems) -> ([Vec<Load>; 2], [usize; 2]) {
+    let mut out: [Vec<Load>; 2] = Default::default();
+    let mut attempts = [0usize; 2];
+    let dir = tag_dir("certs");
+    let tls = match make_certs(&dir) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.add(format!("tls: certificates: {e}"));
+            return (out, attempts);
+        }
+    };
+    let wl = format!("sink:{SINK},source:{SOURCE}:1000000");
+    while (0..2).any(|k| out[k].len() < TLS_RUNS && attempts[k] < TLS_RUNS + 3) {
+        for (k, (name, on)) in TLS_SETUPS.iter().enumerate() {
+            if out[k].len() >= TLS_RUNS || attempts[k] >= TLS_RUNS + 3 {
+                continue;
+            }
+            attempts[k] += 1;
+            let run = attempts[k] - 1;
+            let extras = Extras {
+                fence: false,
+                tls: on.then(|| tls.clone()),
+            };
+            match load_run_with(Mode::Speculative, &wl, extras) {
+                Ok(l) => {
+                    eprintln!(
+                        "{} tls {name} run {}: guest->client {:.3} client->guest {:.3} Gbit/s, primary cpu {:.2} s in {:.1} s, {} checkpoints, repl {:.0} MiB, pause p50 {:.0} p99 {:.0} us",
+                        elapsed(started),
+                        run + 1,
+                        l.g2c_gbps,
+                        l.c2g_gbps,
+                        l.primary_cpu,
+                        l.secs,
+                        l.ckpts,
+                        l.repl_bytes as f64 / (1 << 20) as f64,
+                        percentile(&l.pauses_us, 50.0),
+                        percentile(&l.pauses_us, 99.0)
+                    );
+                    out[k].push(l);
+                }
+                Err(e) => problems.add(format!("tls {name} run {}: {e}", run + 1)),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    (out, attempts)
 }
 
 // ---------------------------------------------------------------- 5: memory
@@ -1395,6 +1688,24 @@ fn main() {
         }
     }
 
+    // 8
+    let fence = if want("fence") {
+        let n = std::env::var("REMORA_BENCH_FENCE_FAILOVERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(FENCE_FAILOVERS);
+        fence_cell(n, started, &mut problems)
+    } else {
+        Default::default()
+    };
+
+    // 9
+    let (tls, tls_attempts) = if want("tls") {
+        tls_cell(started, &mut problems)
+    } else {
+        Default::default()
+    };
+
     // 5
     let mut mem: Vec<Memory> = Vec::new();
     let mut mem_attempts = 0;
@@ -1461,6 +1772,9 @@ fn main() {
         fo,
         fo_failed,
         fo_lost,
+        fence,
+        tls,
+        tls_attempts,
         mem,
         mem_attempts,
         rq,
@@ -1480,6 +1794,11 @@ struct Report {
     fo_failed: usize,
     /// Trials whose VM lost its protection before the kill (replaced).
     fo_lost: usize,
+    /// Cell 8: [no fence, fence].
+    fence: [FenceCell; 2],
+    /// Cell 9: [plaintext, mTLS].
+    tls: [Vec<Load>; 2],
+    tls_attempts: [usize; 2],
     mem: Vec<Memory>,
     mem_attempts: usize,
     rq: Vec<f64>,
@@ -1868,6 +2187,122 @@ impl Report {
             ));
         }
 
+        if self.fence.iter().any(|c| !c.fo.is_empty() || c.failed > 0) {
+            println!();
+            println!(
+                "8. Failover with and without the fence: cell 3's trial (speculative, {TARGET_EPOCH} ms, SIGKILL of the primary 1.0 to 2.0 s \
+                 into a guest->client stream, every byte checked), unfenced and fenced (one-member etcd on the fence network, \
+                 --fence on both), alternating; ms"
+            );
+            println!(
+                "   {:<9} {:>8} {:>6} {:>4} {:>14} {:>13} {:>12} {:>12} {:>12} {:>12}",
+                "setup",
+                "measured",
+                "failed",
+                "lost",
+                "kill->data p50",
+                "max",
+                "first frame",
+                "detect",
+                "(fence)",
+                "restore"
+            );
+            let pm = |v: &[Failover], g: fn(&Failover) -> f64| {
+                let c: Vec<f64> = v.iter().map(g).collect();
+                format!("{}/{}", fmt(median(&c), 0), fmt(max(&c), 0))
+            };
+            for ((name, _), c) in FENCE_SETUPS.iter().zip(&self.fence) {
+                let resume: Vec<f64> = c.fo.iter().map(|x| x.resume_ms).collect();
+                println!(
+                    "   {name:<9} {:>8} {:>6} {:>4} {:>14} {:>13} {:>12} {:>12} {:>12} {:>12}",
+                    c.fo.len(),
+                    c.failed,
+                    c.lost,
+                    fmt(median(&resume), 0),
+                    fmt(max(&resume), 0),
+                    pm(&c.fo, |x| x.first_frame_ms),
+                    pm(&c.fo, |x| x.detect_ms),
+                    pm(&c.fo, |x| x.fence_ms),
+                    pm(&c.fo, |x| x.restore_ms),
+                );
+            }
+            let p50 = |c: &FenceCell| median(&c.fo.iter().map(|x| x.resume_ms).collect::<Vec<_>>());
+            println!(
+                "   columns with two figures: p50/max; (fence) = the backup's own `(fence N ms)`, part of its detect; \
+                 fenced - unfenced kill->data p50: {} ms",
+                fmt(p50(&self.fence[1]) - p50(&self.fence[0]), 0)
+            );
+        }
+
+        if self.tls.iter().any(|v| !v.is_empty()) {
+            println!();
+            println!(
+                "9. TLS cost: cells 2/4's run (speculative, {TARGET_EPOCH} ms, TCP streams both ways, {:.0} s), plain TCP vs mutual TLS \
+                 on the replication link, {TLS_RUNS} valid runs wanted each (a failed run is taken again, at most {} attempts), \
+                 alternating; medians of the per-run figures",
+                LOAD_RUN.as_secs_f64(),
+                TLS_RUNS + 3
+            );
+            println!(
+                "   {:<9} {:>4} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>8} {:>6}",
+                "setup",
+                "runs",
+                "g->c Gb/s",
+                "c->g Gb/s",
+                "pause p50",
+                "p99 us",
+                "ckpt KiB",
+                "wire KiB",
+                "repl MiB/s",
+                "ckpts/s",
+                "primary",
+                "repl thr",
+                "main"
+            );
+            let grp = |l: &Load, g: &str| l.threads.get(g).copied().unwrap_or(0.0) / l.secs;
+            let wire = |l: &Load| {
+                if l.ckpts > 0 {
+                    l.repl_bytes as f64 / l.ckpts as f64 / 1024.0
+                } else {
+                    f64::NAN
+                }
+            };
+            for (((name, _), v), n) in TLS_SETUPS.iter().zip(&self.tls).zip(self.tls_attempts) {
+                println!(
+                    "   {name:<9} {:>4} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>8} {:>6}",
+                    format!("{}/{n}", v.len()),
+                    fmt(med(v, |l| l.g2c_gbps), 3),
+                    fmt(med(v, |l| l.c2g_gbps), 3),
+                    fmt(med(v, |l| percentile(&l.pauses_us, 50.0)), 0),
+                    fmt(med(v, |l| percentile(&l.pauses_us, 99.0)), 0),
+                    fmt(med(v, |l| percentile(&l.bytes, 50.0)) / 1024.0, 0),
+                    fmt(med(v, wire), 0),
+                    fmt(med(v, |l| l.repl_bytes as f64 / l.secs / (1 << 20) as f64), 1),
+                    fmt(med(v, |l| l.ckpts as f64 / l.secs), 1),
+                    fmt(med(v, |l| l.primary_cpu / l.secs), 2),
+                    fmt(med(v, |l| grp(l, "replication")), 2),
+                    fmt(med(v, |l| grp(l, "main")), 2),
+                );
+            }
+            let (a, b) = (&self.tls[0], &self.tls[1]);
+            println!(
+                "   mTLS/plaintext: pause p50 {}, p99 {}, repl MiB/s {}, primary CPU/s {}, wire bytes per checkpoint {}",
+                ratio(med(b, |l| percentile(&l.pauses_us, 50.0)), med(a, |l| percentile(&l.pauses_us, 50.0))),
+                ratio(med(b, |l| percentile(&l.pauses_us, 99.0)), med(a, |l| percentile(&l.pauses_us, 99.0))),
+                ratio(
+                    med(b, |l| l.repl_bytes as f64 / l.secs),
+                    med(a, |l| l.repl_bytes as f64 / l.secs)
+                ),
+                ratio(med(b, |l| l.primary_cpu / l.secs), med(a, |l| l.primary_cpu / l.secs)),
+                ratio(med(b, wire), med(a, wire)),
+            );
+            println!(
+                "   pause = status-polled checkpoint pause (us); ckpt KiB = checkpoint size p50 (status ckpt_bytes); wire KiB = bytes sent \
+                 on repl0 per checkpoint; primary = the primary's CPU in cores (CPU s per s), repl thr / main = its replication \
+                 threads / event loop"
+            );
+        }
+
         println!();
         println!("Targets:");
         for t in &targets {
@@ -1975,30 +2410,48 @@ impl Report {
             load(&self.prot),
             load(&self.unprot)
         ));
-        let fo: Vec<String> = self
-            .fo
-            .iter()
-            .map(|f| {
-                format!(
-                    "{{\"resume_ms\":{},\"gap_ms\":{},\"first_frame_ms\":{},\"detect_ms\":{},\"restore_ms\":{},\"running_ms\":{},\"bytes_before\":{},\"bytes_after\":{},\"capture_dropped\":{}}}",
-                    jnum(f.resume_ms),
-                    jnum(f.gap_ms),
-                    jnum(f.first_frame_ms),
-                    jnum(f.detect_ms),
-                    jnum(f.restore_ms),
-                    jnum(f.running_ms),
-                    f.before,
-                    f.after,
-                    f.dropped
-                )
-            })
-            .collect();
+        let fo: Vec<String> = self.fo.iter().map(fo_json).collect();
         o.push(format!(
             "\"failover\":{{\"trials\":{},\"failed\":{},\"lost_before_kill\":{},\"runs\":[{}]}}",
             self.fo.len() + self.fo_failed,
             self.fo_failed,
             self.fo_lost,
             fo.join(",\n")
+        ));
+        o.push(format!(
+            "\"fence_failover\":{{{}}}",
+            FENCE_SETUPS
+                .iter()
+                .zip(&self.fence)
+                .map(|((name, fenced), c)| format!(
+                    "{}:{{\"fenced\":{fenced},\"trials\":{},\"failed\":{},\"lost_before_kill\":{},\"resume_ms_p50\":{},\"resume_ms_max\":{},\"fence_ms_p50\":{},\"fence_ms_max\":{},\"runs\":[{}]}}",
+                    jstr(name),
+                    c.fo.len() + c.failed,
+                    c.failed,
+                    c.lost,
+                    jnum(median(&c.fo.iter().map(|x| x.resume_ms).collect::<Vec<_>>())),
+                    jnum(max(&c.fo.iter().map(|x| x.resume_ms).collect::<Vec<_>>())),
+                    jnum(median(&c.fo.iter().map(|x| x.fence_ms).collect::<Vec<_>>())),
+                    jnum(max(&c.fo.iter().map(|x| x.fence_ms).collect::<Vec<_>>())),
+                    c.fo.iter().map(fo_json).collect::<Vec<_>>().join(",\n")
+                ))
+                .collect::<Vec<_>>()
+                .join(",\n")
+        ));
+        o.push(format!(
+            "\"tls\":{{\"runs_per_setup\":{TLS_RUNS},\"attempts\":{{{}}},{}}}",
+            TLS_SETUPS
+                .iter()
+                .zip(self.tls_attempts)
+                .map(|((name, _), n)| format!("{}:{n}", jstr(name)))
+                .collect::<Vec<_>>()
+                .join(","),
+            TLS_SETUPS
+                .iter()
+                .zip(&self.tls)
+                .map(|((name, _), v)| format!("{}:{}", jstr(name), load(v)))
+                .collect::<Vec<_>>()
+                .join(",\n")
         ));
         let mem: Vec<String> = self
             .mem
@@ -2040,4 +2493,21 @@ impl Report {
         std::fs::write(&path, format!("{{{}}}\n", o.join(",\n"))).unwrap();
         println!("wrote {}", path.display());
     }
+}
+
+/// One failover trial as JSON.
+fn fo_json(f: &Failover) -> String {
+    format!(
+        "{{\"resume_ms\":{},\"gap_ms\":{},\"first_frame_ms\":{},\"detect_ms\":{},\"fence_ms\":{},\"restore_ms\":{},\"running_ms\":{},\"bytes_before\":{},\"bytes_after\":{},\"capture_dropped\":{}}}",
+        jnum(f.resume_ms),
+        jnum(f.gap_ms),
+        jnum(f.first_frame_ms),
+        jnum(f.detect_ms),
+        jnum(f.fence_ms),
+        jnum(f.restore_ms),
+        jnum(f.running_ms),
+        f.before,
+        f.after,
+        f.dropped
+    )
 }
