@@ -218,7 +218,10 @@ impl Fence {
         ))
     }
 
-    /// Compare-and-swap from `expected` to `expected + 1`, naming `owner`.
+    /// Compare-and-swap from `expected` to `expected + 1`, naming `owner`
+    /// (which must be unique to the caller: a retry that finds its own
+    /// name at `expected + 1` won on an earlier attempt whose answer was
+    /// lost).
     pub fn claim(&self, expected: u64, owner: &str) -> Result<Claim, FenceError> {
         let (key, owner_key) = (self.key(), self.owner_key());
         let next = expected + 1;
@@ -246,12 +249,20 @@ impl Fence {
             Some(v) => self.parse(&v)?,
             None => 0,
         };
-        let owner = values
+        let holder = values
             .next()
             .flatten()
             .map(|v| String::from_utf8_lossy(&v).into_owned())
             .unwrap_or_default();
-        Ok(Claim::Lost { generation, owner })
+        // An earlier attempt whose answer was lost (a timeout, a leader
+        // change) may have won already: the owner key says so.
+        if generation == next && holder == owner {
+            return Ok(Claim::Won(next));
+        }
+        Ok(Claim::Lost {
+            generation,
+            owner: holder,
+        })
     }
 
     /// Claims the next generation whatever it is now (a VM starting: it

@@ -42,6 +42,9 @@ fn generations_move_by_compare_and_swap_and_one_racer_wins() {
         assert_eq!(f.claim_next("restarted").unwrap(), 2);
         assert_eq!(f.read().unwrap(), (2, "restarted".into()));
         assert_eq!(c.get("/test/vm/52-54-00-00-00-01/generation").as_deref(), Some("2"));
+        // A retry of a claim that already went through (its answer lost)
+        // is recognised by the owner's name.
+        assert_eq!(f.claim(1, "restarted").unwrap(), Claim::Won(2));
         // Another VM's counter is its own.
         let g = fence(&c, "52-54-00-00-00-02");
         assert_eq!(g.claim(0, "other").unwrap(), Claim::Won(1));
@@ -104,9 +107,21 @@ fn a_claim_survives_the_etcd_leader_being_killed() {
     });
     assert_eq!(r.0, Claim::Won(2));
     eprintln!("claim after killing leader {}: {:?}", cluster.name(leader), r.1);
+    // A new client may first reach the dead member (connection refused):
+    // remora retries every call, so does this read.
     let g = inside(&ns, move || {
         let f = Fence::new(arg.parse().unwrap(), "vm".into()).unwrap();
-        f.read().unwrap()
+        let t = Instant::now();
+        loop {
+            match f.read() {
+                Ok(g) => return g,
+                Err(e) if t.elapsed() < Duration::from_secs(15) => {
+                    eprintln!("retrying the read: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("no read within 15 s: {e}"),
+            }
+        }
     });
     assert_eq!(g.0, 2);
 }
