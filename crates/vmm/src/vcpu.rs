@@ -601,7 +601,9 @@ mod tests {
             // Without a request, nothing is there to take.
             assert!(control.take_states(again).is_err());
             control.resume();
-            std::thread::sleep(Duration::from_millis(20));
+            // Long enough for both vCPU threads to get a CPU on a loaded
+            // 2-core host (20 ms was not, once, in CI beside VM tests).
+            std::thread::sleep(Duration::from_millis(200));
         }
         control.request_stop();
         for t in threads {
