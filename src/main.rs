@@ -86,6 +86,47 @@ enum Command {
     /// primaries dial, --san), role `primary` for hosts that run `remora
     /// run --protect`. Keys never leave DIR and are never overwritten.
     Certs(CertsArgs),
+    /// RACC, remora's replication-aware TCP congestion control, for Linux
+    /// guests (and any Linux host): install, remove, status.
+    ///
+    /// RACC is a BPF tcp_congestion_ops named `remora_racc` (no kernel
+    /// module; needs BTF and BPF struct_ops, Linux 6.4+ for its links).
+    /// Behind a remora VMM that speculates the guest's TCP, the VMM puts a
+    /// mark (a TCP option) on the ACKs it builds: a RACC socket that sees it
+    /// fills the window the VMM advertises at once and does not back off
+    /// (the VMM delivers reliably to the real peer). Toward anything else it
+    /// is the kernel's CUBIC. Select it per socket (TCP_CONGESTION), per
+    /// route (`ip route ... congctl remora_racc`) or as the default
+    /// (`install --default`). Run it inside the guest, as root.
+    Racc(RaccArgs),
+}
+
+#[derive(Args)]
+struct RaccArgs {
+    #[command(subcommand)]
+    action: RaccAction,
+}
+
+#[derive(Subcommand)]
+enum RaccAction {
+    /// Load and register remora_racc (idempotent) and its sock_ops watcher
+    /// (on the cgroup v2 root); both stay after this command exits (pinned
+    /// under /sys/fs/bpf/remora_racc).
+    Install {
+        /// Also make it this network namespace's default congestion control.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Unregister remora_racc (the default goes back to cubic if it was
+    /// RACC). Refuses while sockets use it, unless --force.
+    Remove {
+        /// Remove even while sockets use it (they keep it until they close).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Whether it is installed, the default congestion control, sockets
+    /// using it and its counters.
+    Status,
 }
 
 #[derive(Args)]
@@ -485,6 +526,7 @@ fn main() -> ExitCode {
         Command::Backup(args) => backup(args),
         Command::Relay(args) => relay(args),
         Command::Certs(args) => certs(args),
+        Command::Racc(args) => racc(args),
     };
     match result {
         Ok(code) => code,
@@ -727,6 +769,50 @@ fn certs(args: CertsArgs) -> anyhow::Result<ExitCode> {
                 k.display(),
                 sans.join(", ")
             );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn racc(args: RaccArgs) -> anyhow::Result<ExitCode> {
+    use remora_racc as racc;
+    match args.action {
+        RaccAction::Install { default } => {
+            let how = racc::install(&racc::InstallOptions { make_default: default })?;
+            match how {
+                racc::Installed::Now => println!("{} installed", racc::NAME),
+                racc::Installed::Already => println!("{} was already installed", racc::NAME),
+            }
+            if default {
+                println!(
+                    "{} is the default congestion control of this network namespace",
+                    racc::NAME
+                );
+            }
+        }
+        RaccAction::Remove { force } => match racc::remove(force)? {
+            racc::Removed::Now => println!("{} removed", racc::NAME),
+            racc::Removed::NotInstalled => println!("{} was not installed", racc::NAME),
+        },
+        RaccAction::Status => {
+            let s = racc::status()?;
+            let state = match (s.registered, s.pinned) {
+                (true, true) => "installed",
+                (true, false) => "registered by something other than remora",
+                (false, _) => "not installed",
+            };
+            println!("{}: {state}", racc::NAME);
+            println!("default congestion control: {}", s.default_cc);
+            match s.sockets {
+                Some(n) => println!("sockets using it (this network namespace): {n}"),
+                None => println!("sockets using it: unknown (ss not available)"),
+            }
+            if let Some(c) = s.counters {
+                println!(
+                    "counters: sockets {} marked segments {} windows filled {} back-offs refused {} fallbacks to cubic {}",
+                    c.sockets, c.marked_segments, c.windows_filled, c.backoffs_refused, c.fallbacks
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -841,7 +841,7 @@ impl Flow {
             timestamps: ts,
             sack: &[],
         }
-        .to_frame(&[], &[]);
+        .to_frame_with(if ctx.cfg.mark_acks { &wire::RACC_MARK } else { &[] }, &[], &[]);
         self.guest_seen_ack = Some(ack);
         ctx.stats.spec_acks += 1;
         ctx.out.push_back(Transmit {

@@ -158,6 +158,10 @@ pub struct Config {
     /// under output commit toward the peer, unchanged toward the guest).
     /// `Duration::ZERO` disables it.
     pub idle_timeout: Duration,
+    /// Put [`wire::RACC_MARK`] on the ACKs the engine builds for the guest
+    /// of a speculated flow, so that RACC in the guest knows its ACKs come
+    /// from a speculating VMM (other TCP stacks ignore the option).
+    pub mark_acks: bool,
 }
 
 impl Default for Config {
@@ -180,6 +184,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(75),
             rst_linger: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
+            mark_acks: true,
         }
     }
 }

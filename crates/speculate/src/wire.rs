@@ -423,7 +423,19 @@ impl Build<'_> {
     /// Build the frame with the payload given as up to two slices (e.g. the
     /// two halves of a ring buffer). Checksums are computed.
     pub fn to_frame(&self, p1: &[u8], p2: &[u8]) -> Vec<u8> {
-        let olen = self.options_len();
+        self.to_frame_with(&[], p1, p2)
+    }
+
+    /// [`Build::to_frame`] with `extra` (whole options, a multiple of 4
+    /// bytes, e.g. [`RACC_MARK`]) after the other options; dropped if the
+    /// options would exceed 40 bytes.
+    pub fn to_frame_with(&self, extra: &[u8], p1: &[u8], p2: &[u8]) -> Vec<u8> {
+        let extra = if extra.len() % 4 == 0 && self.options_len() + extra.len() <= 40 {
+            extra
+        } else {
+            &[]
+        };
+        let olen = self.options_len() + extra.len();
         let iplen = self.net.header_len();
         let tcp_len = 20 + olen + p1.len() + p2.len();
         let mut f = Vec::with_capacity(ETH_LEN + iplen + tcp_len);
@@ -493,6 +505,7 @@ impl Build<'_> {
                 f.extend_from_slice(&r.to_be_bytes());
             }
         }
+        f.extend_from_slice(extra);
         debug_assert_eq!(f.len(), tcp_offset + 20 + olen);
         f.extend_from_slice(p1);
         f.extend_from_slice(p2);
@@ -500,6 +513,13 @@ impl Build<'_> {
         f
     }
 }
+
+/// remora's mark on the speculative ACKs the engine builds for the guest
+/// ([`crate::Config::mark_acks`]): an RFC 6994 experimental TCP option
+/// (kind 253, length 4, ExID 0x524d "RM"). RACC, remora's congestion
+/// control for guests (crates/racc), fills the advertised window of a
+/// socket whose ACKs carry it; every other TCP stack ignores it.
+pub const RACC_MARK: [u8; 4] = [253, 4, 0x52, 0x4d];
 
 /// Length of the options block built by [`Build::to_frame`].
 pub fn options_len(mss: bool, ws: bool, sackp: bool, ts: bool, nsack: usize) -> usize {

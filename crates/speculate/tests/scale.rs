@@ -170,7 +170,7 @@ impl World {
                 continue;
             }
             // Client: next request once the previous response is complete.
-            if c.peer.st == St::Established && c.peer.received.len() >= c.reqs * resp_len {
+            if c.peer.st == St::Established && c.peer.received.len() >= c.reqs.saturating_mul(resp_len) {
                 if c.reqs > 0 && c.latencies.len() < c.reqs {
                     c.latencies.push(now - c.req_at);
                 }

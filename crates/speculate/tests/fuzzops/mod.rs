@@ -106,6 +106,9 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
             handshake_timeout: Duration::from_micros(inp.u64() % (1 << 40)),
             rst_linger: Duration::from_micros(inp.u64() % (1 << 40)),
             idle_timeout: Duration::from_micros(inp.u64() % (1 << 40)),
+            // From the selector (no extra byte read: recorded inputs keep
+            // their meaning).
+            mark_acks: sel & 0x10 != 0,
         };
     }
     let mode = match sel >> 6 {
@@ -135,6 +138,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
         handshake_timeout: inp.pick(&[ms(1), Duration::from_secs(75)]),
         rst_linger: inp.pick(&[Duration::ZERO, Duration::from_secs(5)]),
         idle_timeout: inp.pick(&[Duration::from_secs(300), Duration::ZERO, ms(50), ms(1)]),
+        mark_acks: sel & 0x10 != 0,
     }
 }
 
