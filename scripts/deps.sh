@@ -18,6 +18,16 @@ have curl || need_pkgs+=(curl ca-certificates)
 have protoc || need_pkgs+=(protobuf-compiler)
 have etcd || need_pkgs+=(etcd-server)
 have etcdctl || need_pkgs+=(etcd-client)
+# RACC's BPF program is compiled with clang at build time (crates/racc);
+# libbpf-sys builds libbpf from source against libelf and zlib.
+have clang-14 || need_pkgs+=(clang-14)
+[ -e /usr/include/bpf/bpf_helpers.h ] || need_pkgs+=(libbpf-dev)
+[ -e /usr/include/libelf.h ] || need_pkgs+=(libelf-dev)
+[ -e /usr/include/zlib.h ] || need_pkgs+=(zlib1g-dev)
+have pkg-config || need_pkgs+=(pkg-config)
+# The HTTP tests and benchmark: a real server and load generator.
+have nginx || need_pkgs+=(nginx-light)
+have wrk || need_pkgs+=(wrk)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "remora: installing ${need_pkgs[*]}" >&2
     apt-get update -qq

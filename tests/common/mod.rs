@@ -2,7 +2,13 @@
 //! `remora` with a timeout while timestamping its console lines.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+pub mod relay;
+
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -456,4 +462,47 @@ pub fn splitmix_stream_sha(first: u64, len: u64) -> String {
         left -= n as u64;
     }
     hex(&h.finalize())
+}
+
+/// Writes `len` bytes (a multiple of 8) of stream `seed` (splitmix64 from
+/// counter `seed << 40`), then shuts the write side down; returns the
+/// SHA-256 of what was written. `progress` counts bytes handed to the kernel.
+pub fn send_stream(mut s: &TcpStream, seed: u64, len: u64, progress: Option<&AtomicU64>) -> io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut k = seed << 40;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill_splitmix(&mut buf[..n], &mut k);
+        s.write_all(&buf[..n])?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+        if let Some(p) = progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    s.shutdown(Shutdown::Write)?;
+    Ok(hex(&h.finalize()))
+}
+
+/// Reads to EOF; returns (bytes, SHA-256). `progress` counts bytes read.
+pub fn recv_stream(mut s: &TcpStream, progress: Option<&AtomicU64>) -> io::Result<(u64, String)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok((n, hex(&h.finalize()))),
+            Ok(k) => {
+                h.update(&buf[..k]);
+                n += k as u64;
+                if let Some(p) = progress {
+                    p.fetch_add(k as u64, Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("after {n} bytes: {e}"))),
+        }
+    }
 }

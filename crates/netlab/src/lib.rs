@@ -26,6 +26,7 @@ pub mod capture;
 pub mod emu;
 pub mod etcd;
 pub mod ha;
+pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod relay;

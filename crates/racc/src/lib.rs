@@ -56,15 +56,18 @@ pub enum RaccError {
     Bpffs(String),
     #[error("a congestion control named {NAME} is registered, but not by remora (nothing pinned at {PIN_DIR}); remove it first")]
     NameTaken,
-    #[error("the kernel refused RACC's BPF programs ({step}): {source}{}", libbpf_log(.log))]
+    #[error("{NAME} is installed, but its pins ({PIN_DIR}) are not visible here (another mount namespace, e.g. `ip netns exec`); run remove where bpffs shows them")]
+    PinsHidden,
+    #[error("the kernel refused RACC's BPF programs ({step}): {error}{}", libbpf_log(.log))]
     Load {
         step: &'static str,
-        source: libbpf_rs::Error,
+        /// libbpf's error.
+        error: String,
         log: String,
     },
     #[error("{sockets} socket(s) in this network namespace still use {NAME}; close them, or remove with --force (they keep RACC until they close)")]
     InUse { sockets: usize },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -131,7 +134,8 @@ pub struct Counters {
 pub struct Status {
     /// Listed in `tcp_available_congestion_control`.
     pub registered: bool,
-    /// Installed by remora (links pinned under [`PIN_DIR`]).
+    /// Installed by remora (its struct_ops loaded, links pinned under
+    /// [`PIN_DIR`]).
     pub pinned: bool,
     /// This network namespace's default congestion control.
     pub default_cc: String,
@@ -158,6 +162,13 @@ fn pin(name: &str) -> PathBuf {
 
 fn pinned() -> bool {
     pin("cc").exists()
+}
+
+/// RACC's struct_ops map is loaded (seen from any mount namespace: `ip
+/// netns exec` hides the host's bpffs and so the pins).
+fn ours_loaded() -> bool {
+    libbpf_rs::query::MapInfoIter::default()
+        .any(|m| m.ty == libbpf_rs::MapType::StructOps && m.name.as_encoded_bytes() == b"racc")
 }
 
 fn is_root() -> bool {
@@ -223,9 +234,9 @@ fn take_log() -> String {
 }
 
 fn load_err(step: &'static str) -> impl FnOnce(libbpf_rs::Error) -> RaccError {
-    move |source| RaccError::Load {
+    move |e| RaccError::Load {
         step,
-        source,
+        error: e.to_string(),
         log: take_log(),
     }
 }
@@ -241,7 +252,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, RaccError> {
         return Err(RaccError::NoBtf);
     }
     let result = if registered()? {
-        if !pinned() {
+        if !pinned() && !ours_loaded() {
             return Err(RaccError::NameTaken);
         }
         Installed::Already
@@ -249,6 +260,9 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, RaccError> {
         load_and_pin()?;
         Installed::Now
     };
+    if let Err(e) = allow() {
+        debug!("{e}");
+    }
     if opts.make_default {
         set_default(NAME)?;
     }
@@ -280,7 +294,7 @@ fn load_and_pin() -> Result<(), RaccError> {
         }
         let mut sockops = sockops.ok_or_else(|| RaccError::Load {
             step: "finding racc_sockops",
-            source: libbpf_rs::Error::from(io::Error::from(io::ErrorKind::NotFound)),
+            error: "the object has no program racc_sockops".into(),
             log: String::new(),
         })?;
         sockops
@@ -311,15 +325,25 @@ fn load_and_pin() -> Result<(), RaccError> {
     r
 }
 
-fn set_default(cc: &str) -> Result<(), RaccError> {
-    fs::write(DEFAULT, cc).map_err(io_err(format!("setting {DEFAULT} to {cc}")))?;
-    if cc == NAME {
-        let allowed = read_trim(ALLOWED)?;
-        if !allowed.split_whitespace().any(|c| c == NAME) {
-            fs::write(ALLOWED, format!("{allowed} {NAME}")).map_err(io_err(format!("adding {NAME} to {ALLOWED}")))?;
-        }
+/// Adds RACC to the host-wide allowed list: unprivileged sockets may
+/// choose it, and network namespaces other than the host's may make it
+/// their default. Only the host's namespace can write the list.
+fn allow() -> Result<(), RaccError> {
+    let allowed = read_trim(ALLOWED)?;
+    if allowed.split_whitespace().any(|c| c == NAME) {
+        return Ok(());
     }
-    Ok(())
+    fs::write(ALLOWED, format!("{allowed} {NAME}")).map_err(io_err(format!(
+        "adding {NAME} to {ALLOWED} (needed before a network namespace other than the host's can make it its default: \
+         run `remora racc install` in the host's namespace first)"
+    )))
+}
+
+fn set_default(cc: &str) -> Result<(), RaccError> {
+    if cc == NAME {
+        allow()?;
+    }
+    fs::write(DEFAULT, cc).map_err(io_err(format!("setting {DEFAULT} to {cc}")))
 }
 
 /// Sockets of this network namespace whose congestion control is RACC
@@ -346,6 +370,9 @@ pub fn remove(force: bool) -> Result<Removed, RaccError> {
     }
     if !pinned() {
         if registered()? {
+            if ours_loaded() {
+                return Err(RaccError::PinsHidden);
+            }
             return Err(RaccError::NameTaken);
         }
         let _ = fs::remove_dir_all(PIN_DIR);
@@ -403,7 +430,7 @@ fn counters() -> Option<Counters> {
 /// Whether RACC is installed, the default congestion control, the sockets
 /// using it and its counters.
 pub fn status() -> Result<Status, RaccError> {
-    let pinned = pinned();
+    let pinned = pinned() || ours_loaded();
     Ok(Status {
         registered: registered()?,
         pinned,
