@@ -175,6 +175,9 @@ impl Cubic {
 }
 
 /// The offered window's initial growth target (64 KiB, within the budget).
+/// The worst-case delayed ACK of a peer (RFC 8985's WCDelAckT).
+const WC_DEL_ACK: Duration = Duration::from_millis(200);
+
 fn initial_target(cfg: &Config) -> u32 {
     cfg.per_flow_budget.min(64 << 10) as u32
 }
@@ -1438,7 +1441,15 @@ impl Flow {
         if self.tlp_sent || self.recovery.is_some() || self.snd_una == self.snd_max {
             return;
         }
-        let at = now + (srtt * 2).max(Duration::from_millis(5));
+        // RFC 8985 7.2: PTO = 2 SRTT; with one segment in flight plus the
+        // worst-case delayed ACK (a request/response peer in Linux's
+        // pingpong mode holds its ACK for the next request: probing at
+        // 2 SRTT would retransmit every response's last segment).
+        let mut pto = (srtt * 2).max(Duration::from_millis(5));
+        if seq::dist(self.snd_una, self.snd_max) <= u32::from(self.peer_mss) {
+            pto += WC_DEL_ACK;
+        }
+        let at = now + pto;
         if self.rto_deadline.is_none_or(|rto| at < rto) {
             self.tlp_deadline = Some(at);
         }
