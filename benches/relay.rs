@@ -14,8 +14,10 @@
 //! and flow count. Every run starts a fresh relay on the link's
 //! namespaces, runs RUN seconds, and reports the goodput at the receiver
 //! after the first SKIP (handshake, slow start). The servers' congestion
-//! control (cubic and bbr by default; REMORA_BENCH_CC=cubic,bbr) is set per
-//! socket; REMORA_BENCH_LINKS=veth,... runs a subset of the links; REMORA_BENCH_VERBOSE=1 prints each relay summary;
+//! control (cubic, bbr and remora_racc by default;
+//! REMORA_BENCH_CC=cubic,bbr,remora_racc) is set per socket; RACC is
+//! installed first (`remora racc install`) when listed;
+//! REMORA_BENCH_RUNS=3 measures each cell 3 times and keeps the median; REMORA_BENCH_LINKS=veth,... runs a subset of the links; REMORA_BENCH_VERBOSE=1 prints each relay summary;
 //! REMORA_BENCH_EPOCHS=25 and REMORA_BENCH_FLOWS=1 narrow the grid. Prints a table of Gbit/s with speculative/direct and
 //! speculative/buffered ratios, writes target/bench/relay.json, and
 //! scripts/bench.sh draws target/bench/relay.png from it.
@@ -209,7 +211,7 @@ fn ratio(a: f64, b: f64) -> String {
 
 fn main() {
     let ccs: Vec<String> = std::env::var("REMORA_BENCH_CC")
-        .unwrap_or_else(|_| "cubic,bbr".into())
+        .unwrap_or_else(|_| "cubic,bbr,remora_racc".into())
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
@@ -237,6 +239,22 @@ fn main() {
         .into_iter()
         .map(|f| f as usize)
         .collect();
+    let repeat: usize = std::env::var("REMORA_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    if ccs.iter().any(|c| c == "remora_racc") {
+        let out = std::process::Command::new(common::remora_bin())
+            .args(["racc", "install"])
+            .output()
+            .expect("run remora racc install");
+        assert!(
+            out.status.success(),
+            "remora racc install failed (RACC is in REMORA_BENCH_CC): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let started = Instant::now();
     let mut cells: Vec<Cell> = Vec::new();
     let mut port = 7000u16;
@@ -250,8 +268,15 @@ fn main() {
                     runs.push(("speculative", Some(e)));
                 }
                 for (mode, epoch) in runs {
-                    port += 1;
-                    let (gbps, summary) = measure(&lan, cc, mode, epoch.unwrap_or(25), flows, port);
+                    // The median run (by goodput) of `repeat`.
+                    let mut reps: Vec<(f64, String)> = (0..repeat)
+                        .map(|_| {
+                            port += 1;
+                            measure(&lan, cc, mode, epoch.unwrap_or(25), flows, port)
+                        })
+                        .collect();
+                    reps.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    let (gbps, summary) = reps.swap_remove(reps.len() / 2);
                     let (retx, max_held) = (kv(&summary, "retx"), kv(&summary, "max_held"));
                     eprintln!(
                         "{:>4.0}s {} {cc} {flows} flow(s) {mode} epoch {}: {gbps:.3} Gbit/s (retx {retx}, max_held {max_held})",
@@ -285,7 +310,7 @@ fn main() {
     };
     println!(
         "TCP goodput server -> client (inner -> outer) through remora relay, Gbit/s at the receiver \
-         after the first {:.1} s of {:.1} s runs; commit delay {COMMIT_DELAY_MS} ms, budget {BUDGET} B/flow",
+         after the first {:.1} s of {:.1} s runs (median of {repeat}); commit delay {COMMIT_DELAY_MS} ms, budget {BUDGET} B/flow",
         SKIP.as_secs_f64(),
         RUN.as_secs_f64()
     );
@@ -293,7 +318,7 @@ fn main() {
         println!("  {:<16} {}", l.name, l.desc);
     }
     println!(
-        "{:<6} {:<16} {:>5} {:>6} {:>8} {:>9} {:>12} {:>11} {:>11}",
+        "{:<11} {:<16} {:>5} {:>6} {:>8} {:>9} {:>12} {:>11} {:>11}",
         "cc", "link", "flows", "epoch", "direct", "buffered", "speculative", "spec/direct", "spec/buffer"
     );
     for cc in &ccs {
@@ -304,11 +329,31 @@ fn main() {
                     let b = get(cc, l.name, flows, "buffered", Some(e));
                     let s = get(cc, l.name, flows, "speculative", Some(e));
                     println!(
-                        "{cc:<6} {:<16} {flows:>5} {:>4}ms {d:>8.3} {b:>9.3} {s:>12.3} {:>11} {:>11}",
+                        "{cc:<11} {:<16} {flows:>5} {:>4}ms {d:>8.3} {b:>9.3} {s:>12.3} {:>11} {:>11}",
                         l.name,
                         e,
                         ratio(s, d),
                         ratio(s, b)
+                    );
+                }
+            }
+        }
+    }
+    // RACC against CUBIC, per speculative cell: the gain RACC brings.
+    if ccs.iter().any(|c| c == "remora_racc") && ccs.iter().any(|c| c == "cubic") {
+        println!("speculative: remora_racc / cubic");
+        for l in &links {
+            for &flows in &flows_list {
+                for &e in &epochs_ms {
+                    let r = get("remora_racc", l.name, flows, "speculative", Some(e));
+                    let c = get("cubic", l.name, flows, "speculative", Some(e));
+                    let d = get("cubic", l.name, flows, "direct", None);
+                    println!(
+                        "  {:<16} {flows:>5} {:>4}ms racc {r:>7.3} cubic {c:>7.3} gain {:>6}  racc/direct(cubic) {:>6}",
+                        l.name,
+                        e,
+                        ratio(r, c),
+                        ratio(r, d)
                     );
                 }
             }
@@ -343,7 +388,7 @@ fn main() {
         dir.join("relay.json"),
         format!(
             "{{\"benchmark\":\"relay\",\"direction\":\"server->client (inner->outer)\",\"run_s\":{},\"skip_s\":{},\
-             \"commit_delay_ms\":{COMMIT_DELAY_MS},\"budget\":{BUDGET},\"epochs_ms\":{:?},\"flows\":{:?},\"cc\":[{}],\
+             \"runs_per_cell\":{repeat},\"commit_delay_ms\":{COMMIT_DELAY_MS},\"budget\":{BUDGET},\"epochs_ms\":{:?},\"flows\":{:?},\"cc\":[{}],\
              \"links\":[{}],\"rows\":[\n{}\n]}}\n",
             RUN.as_secs_f64(),
             SKIP.as_secs_f64(),

@@ -22,6 +22,14 @@ case "${1:-}" in
         cargo bench --quiet --bench replication
         "$py" scripts/plot_replication.py target/bench/replication.json target/bench/replication.png
         ;;
+    http)
+        # nginx + wrk through the relay in every mode (~5 minutes):
+        # target/bench/http.{txt,json}, copied to docs/bench/http.txt.
+        cargo build --release --quiet
+        cargo bench --quiet --bench http
+        mkdir -p docs/bench
+        cp "${CARGO_TARGET_DIR:-target}/bench/http.txt" docs/bench/http.txt
+        ;;
     faults)
         # The fault campaign of tests/faults.rs with N trials (default 30):
         # a table per fault kind (trials, survived, violations, failover
@@ -36,5 +44,5 @@ case "${1:-}" in
         cat docs/bench/faults.txt
         exit "$rc"
         ;;
-    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay|replication|faults [N]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay|replication|http|faults [N]" >&2; exit 2 ;;
 esac
