@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tracing::{debug, trace};
 
 use crate::checkpoint::{FlowMark, NotState};
 use crate::seq;
@@ -185,6 +186,31 @@ fn initial_target(cfg: &Config) -> u32 {
 /// Retransmissions remembered per fast recovery.
 const RETX_LOG_MAX: usize = 4096;
 
+/// The first reordering threshold (segments; RFC 5681's three duplicate
+/// ACKs), and the most it may grow to (Linux's tcp_max_reordering).
+pub(crate) const REORDERING_INIT: u32 = 3;
+const REORDERING_MAX: u32 = 300;
+/// Retransmitted ranges of one recovery remembered for undo.
+const UNDO_RANGES_MAX: usize = 256;
+
+/// What a fast recovery changed, to restore if it proves spurious (every
+/// retransmission of it reached the peer after the original did: the
+/// segments were reordered, not lost).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Undo {
+    pub cwnd: u32,
+    pub ssthresh: u32,
+    pub cubic: Cubic,
+    /// Retransmitted ranges of the recovery (None: too many to track).
+    pub ranges: Option<Vec<(u32, u32, Duration)>>,
+    /// Retransmissions shown spurious (DSACK, or the original acknowledged
+    /// sooner than a round trip after the retransmission left).
+    pub spurious: u32,
+    /// Once the recovery is over, how long its DSACKs may still undo it
+    /// (they follow the last retransmission by about a round trip).
+    pub until: Option<Duration>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Recovery {
     /// snd_max when recovery started; recovery ends when it is acknowledged.
@@ -291,7 +317,21 @@ pub(crate) struct Flow {
     pub rttvar: Duration,
     pub rto: Duration,
     pub rtt_probe: Option<(u32, Duration)>,
+    /// Data below the probe was retransmitted: the cumulative ACK reaching
+    /// it may have waited for the retransmission (an inflated sample); only
+    /// a SACK of the probe's own segment still measures the RTT.
+    pub rtt_probe_sack_only: bool,
     pub dupacks: u32,
+    /// Reordering threshold in segments: SACKed data this far above a hole
+    /// (or this many duplicate ACKs) marks the hole lost. Grows to the
+    /// reordering the flow has seen (a hole filled by its original
+    /// segment, a spurious retransmission), as Linux's tp->reordering.
+    pub reordering: u32,
+    /// The smallest RTT sample (an ACK sooner than this after a
+    /// retransmission was for the original).
+    pub min_rtt: Option<Duration>,
+    /// Undo information of the current fast recovery.
+    pub undo: Option<Undo>,
     /// SACKed ranges above snd_una, sorted and disjoint.
     pub sacked: Vec<(u32, u32)>,
     pub recovery: Option<Recovery>,
@@ -382,7 +422,11 @@ impl Flow {
             rttvar: Duration::ZERO,
             rto: cfg.initial_rto,
             rtt_probe: None,
+            rtt_probe_sack_only: false,
             dupacks: 0,
+            reordering: REORDERING_INIT,
+            min_rtt: None,
+            undo: None,
             sacked: Vec::new(),
             recovery: None,
             retx_nxt: 0,
@@ -1360,8 +1404,9 @@ impl Flow {
             let s = self.snd_max;
             self.emit(ctx, now, s, len, if fin { flags::FIN } else { 0 }, false);
             self.snd_max = s.wrapping_add(len).wrapping_add(u32::from(fin));
-            if self.rtt_probe.is_none() && self.recovery.is_none() {
+            if self.rtt_probe.is_none() {
                 self.rtt_probe = Some((self.snd_max, now));
+                self.rtt_probe_sack_only = self.recovery.is_some();
             }
             self.arm_rto(now);
             self.arm_tlp(now);
@@ -1383,14 +1428,25 @@ impl Flow {
 
     fn retransmit(&mut self, ctx: &mut Ctx<'_>, now: Duration, start: u32, len: u32, fin: bool) {
         ctx.stats.retransmits += 1;
+        if let Some(u) = self.undo.as_mut() {
+            let end = start.wrapping_add(len).wrapping_add(u32::from(fin));
+            match u.ranges.as_mut() {
+                Some(r) if r.len() < UNDO_RANGES_MAX => r.push((start, end, now)),
+                _ => u.ranges = None,
+            }
+        }
         if self.recovery.is_some_and(|r| !r.after_rto) && self.retx_log.len() < RETX_LOG_MAX {
             self.retx_log
                 .push_back((start, start.wrapping_add(len).wrapping_add(u32::from(fin)), now));
         }
-        // Karn: never sample RTT from a retransmitted range.
+        // Karn: never sample RTT from a retransmitted range; a range
+        // retransmitted below the probe leaves only its SACK to sample.
         if let Some((end, _)) = self.rtt_probe {
-            if seq::gt(end, start) {
+            let rend = start.wrapping_add(len).wrapping_add(u32::from(fin));
+            if seq::lt(start, end) && seq::ge(rend, end) {
                 self.rtt_probe = None;
+            } else if seq::lt(start, end) {
+                self.rtt_probe_sack_only = true;
             }
         }
         self.emit(ctx, now, start, len, if fin { flags::FIN } else { 0 }, false);
@@ -1400,6 +1456,14 @@ impl Flow {
     fn enter_recovery(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
         let mss = self.mss_eff(ctx.cfg);
         let flight = seq::dist(self.snd_una, self.snd_max);
+        self.undo = Some(Undo {
+            cwnd: self.cwnd,
+            ssthresh: self.ssthresh,
+            cubic: self.cubic.clone(),
+            ranges: Some(Vec::new()),
+            spurious: 0,
+            until: None,
+        });
         self.cubic.on_congestion(self.cwnd);
         self.ssthresh = cubic_reduce(flight, mss);
         self.cwnd = self.ssthresh;
@@ -1508,6 +1572,7 @@ impl Flow {
     }
 
     fn rtt_sample(&mut self, cfg: &Config, r: Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(r, |m| m.min(r)));
         match self.srtt {
             None => {
                 self.srtt = Some(r);
@@ -1555,13 +1620,42 @@ impl Flow {
             self.wl1 = seg.seq;
             self.wl2 = ack;
         }
+        let cfg = ctx.cfg;
+        let mss = self.mss_eff(cfg);
+        let high_before = self.high_sack();
         if self.sack_ok {
-            for &(l, r) in seg.opts.sack_blocks() {
+            for (i, &(l, r)) in seg.opts.sack_blocks().iter().enumerate() {
+                // RFC 2883: a first block at or below the cumulative ACK,
+                // or inside a SACKed range, reports a duplicate arrival.
+                let dsack = i == 0
+                    && seq::lt(l, r)
+                    && (seq::le(r, seq::max(ack, self.snd_una)) || self.sacked_in(l, r) == seq::dist(l, r));
+                if dsack {
+                    self.note_delivered(ctx, now, l, r, true);
+                    continue;
+                }
+                if seq::lt(l, high_before) && seq::gt(r, self.snd_una) {
+                    // Filled (part of) a hole below the highest SACK.
+                    let (fl, fr) = (seq::max(l, self.snd_una), seq::min(r, high_before));
+                    if seq::lt(fl, fr) && self.sacked_in(fl, fr) < seq::dist(fl, fr) {
+                        self.note_hole_filled(ctx, now, fl, fr, high_before, mss);
+                    }
+                }
+                if let Some((end, t)) = self.rtt_probe {
+                    // The probe's own segment SACKed: an exact sample.
+                    if seq::lt(l, end) && seq::ge(r, end) {
+                        self.rtt_sample(cfg, now.saturating_sub(t));
+                        self.rtt_probe = None;
+                    }
+                }
                 self.add_sack(l, r);
             }
         }
-        let cfg = ctx.cfg;
-        let mss = self.mss_eff(cfg);
+        if seq::gt(ack, self.snd_una) && seq::gt(high_before, self.snd_una) {
+            // The cumulative ACK filled the hole at snd_una.
+            let una = self.snd_una;
+            self.note_hole_filled(ctx, now, una, seq::min(ack, high_before), high_before, mss);
+        }
         if seq::gt(ack, self.snd_una) {
             let acked = seq::dist(self.snd_una, ack);
             let bytes = seq::dist(self.snd_una, seq::min(ack, self.data_end)) as usize;
@@ -1578,7 +1672,9 @@ impl Flow {
             }
             if let Some((end, t)) = self.rtt_probe {
                 if seq::ge(ack, end) {
-                    self.rtt_sample(cfg, now.saturating_sub(t));
+                    if !self.rtt_probe_sack_only {
+                        self.rtt_sample(cfg, now.saturating_sub(t));
+                    }
                     self.rtt_probe = None;
                 }
             }
@@ -1595,6 +1691,7 @@ impl Flow {
                     if !r.after_rto {
                         self.cwnd = self.ssthresh.max(mss);
                     }
+                    self.try_undo(ctx, now);
                 }
                 // After a timeout, slow start continues during recovery.
                 Some(r) if r.after_rto => {
@@ -1654,7 +1751,8 @@ impl Flow {
             };
             // The answer to a tail loss probe SACKs it above a hole: that
             // hole was lost (no more duplicate ACKs are coming).
-            if self.dupacks >= 3 || sacked >= 3 * mss || (probe_out && sacked > 0) {
+            let thresh = self.reordering;
+            if self.dupacks >= thresh || sacked >= thresh.saturating_mul(mss) || (probe_out && sacked > 0) {
                 self.enter_recovery(ctx, now);
             }
         }
@@ -1662,6 +1760,96 @@ impl Flow {
         if let Some((tsval, _)) = seg.opts.timestamps {
             self.peer_ts_recent = Some(self.peer_ts_recent.map_or(tsval, |t| seq::max(t, tsval)));
         }
+    }
+
+    /// A hole [start, end) below the highest SACKed byte `high` was
+    /// filled. If it was never retransmitted, the segments were reordered
+    /// by that distance: raise the reordering threshold. If it was, and
+    /// the ACK came sooner than a round trip after the retransmission,
+    /// the original filled it: the retransmission was spurious.
+    fn note_hole_filled(&mut self, ctx: &mut Ctx<'_>, now: Duration, start: u32, end: u32, high: u32, mss: u32) {
+        let overlaps = |&(a, b, _): &(u32, u32, Duration)| seq::lt(a, end) && seq::lt(start, b);
+        let retransmitted = self.undo.as_ref().is_some_and(|u| match &u.ranges {
+            Some(r) => r.iter().any(overlaps),
+            None => true,
+        }) || self.retx_log.iter().any(overlaps);
+        if !retransmitted && self.recovery.is_none_or(|r| !r.after_rto) && !self.tlp_sent {
+            let dist = seq::dist(start, high).div_ceil(mss.max(1)).saturating_add(1);
+            let new = dist.clamp(self.reordering, REORDERING_MAX);
+            if new > self.reordering {
+                trace!(key = ?self.key, from = self.reordering, to = new, "reordering seen");
+                self.reordering = new;
+            }
+            return;
+        }
+        self.note_delivered(ctx, now, start, end, false);
+    }
+
+    /// Bytes [l, r) reached the peer by an earlier copy than a
+    /// retransmission of the current recovery (`dsack`: the peer says it
+    /// got them twice; else an ACK came sooner than a round trip after the
+    /// retransmission left). Counts the spurious retransmissions.
+    fn note_delivered(&mut self, ctx: &mut Ctx<'_>, now: Duration, l: u32, r: u32, dsack: bool) {
+        let floor = self.min_rtt.or(self.srtt).unwrap_or(Duration::ZERO);
+        let Some(u) = self.undo.as_mut() else {
+            return;
+        };
+        let Some(ranges) = u.ranges.as_mut() else {
+            return;
+        };
+        let before = ranges.len();
+        ranges.retain(|&(a, b, at)| {
+            let overlaps = seq::lt(a, r) && seq::lt(l, b);
+            !(overlaps && (dsack || now.saturating_sub(at) < floor))
+        });
+        let n = (before - ranges.len()) as u32;
+        if n > 0 {
+            u.spurious += n;
+            if dsack && self.reordering < REORDERING_MAX {
+                // A duplicate: the hole was reordered, not lost.
+                self.reordering = (self.reordering + 1).min(REORDERING_MAX);
+            }
+            self.try_undo(ctx, now);
+        }
+    }
+
+    /// Every retransmission of the recovery proved spurious: restore the
+    /// window and the CUBIC state from before it (RFC 3708 / Linux undo).
+    fn try_undo(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
+        let Some(u) = self.undo.as_ref() else {
+            return;
+        };
+        let all = u.ranges.as_ref().is_some_and(|r| r.is_empty()) && u.spurious > 0;
+        if !all {
+            if self.recovery.is_none() {
+                // The recovery is over: its DSACKs may still come for a
+                // round trip (and a little), then a real loss stays.
+                let rtt = self.srtt.or(self.min_rtt).unwrap_or(Duration::from_millis(200));
+                let expired = match self.undo.as_mut() {
+                    Some(u) => {
+                        let until = *u.until.get_or_insert(now + rtt * 2 + Duration::from_millis(10));
+                        now > until || u.ranges.is_none()
+                    }
+                    None => true,
+                };
+                if expired {
+                    self.undo = None;
+                }
+            }
+            return;
+        }
+        let Some(u) = self.undo.take() else {
+            return;
+        };
+        self.cwnd = self.cwnd.max(u.cwnd);
+        self.ssthresh = u.ssthresh;
+        self.cubic = u.cubic;
+        self.retx_log.clear();
+        if self.recovery.is_some_and(|r| !r.after_rto) {
+            self.recovery = None;
+        }
+        ctx.stats.spurious_recoveries += 1;
+        debug!(key = ?self.key, reordering = self.reordering, "spurious recovery undone");
     }
 
     /// Records a SACK block of the peer. Only the part inside
@@ -1868,6 +2056,7 @@ impl Flow {
                     self.ca_acc = 0;
                     self.dupacks = 0;
                     self.rtt_probe = None;
+                    self.undo = None;
                     self.recovery = Some(Recovery {
                         point: self.snd_max,
                         after_rto: true,

@@ -316,6 +316,10 @@ pub struct Stats {
     pub segments_sent: u64,
     pub retransmits: u64,
     pub fast_recoveries: u64,
+    /// Fast recoveries found spurious (every retransmission of them
+    /// reached the peer after its original: reordering, not loss) and
+    /// undone: window and CUBIC state restored.
+    pub spurious_recoveries: u64,
     /// Retransmissions found lost during fast recovery and sent again
     /// without waiting for a timeout.
     pub lost_retransmits: u64,

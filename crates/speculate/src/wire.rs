@@ -430,7 +430,7 @@ impl Build<'_> {
     /// bytes, e.g. [`RACC_MARK`]) after the other options; dropped if the
     /// options would exceed 40 bytes.
     pub fn to_frame_with(&self, extra: &[u8], p1: &[u8], p2: &[u8]) -> Vec<u8> {
-        let extra = if extra.len() % 4 == 0 && self.options_len() + extra.len() <= 40 {
+        let extra = if extra.len().is_multiple_of(4) && self.options_len() + extra.len() <= 40 {
             extra
         } else {
             &[]

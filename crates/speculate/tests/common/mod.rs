@@ -94,6 +94,11 @@ pub struct Tcp {
     pub irs: u32,
     pub rcv_nxt: u32,
     pub ooo: BTreeMap<u64, Vec<u8>>,
+    /// Offset of the latest out-of-order arrival (its SACK block goes
+    /// first, RFC 2018).
+    pub last_ooo: Option<u64>,
+    /// A duplicate segment to report in the next ACK (DSACK, RFC 2883).
+    pub dsack: Option<(u32, u32)>,
     pub received: Vec<u8>,
     pub rcv_buf: usize,
     pub unread: usize,
@@ -155,6 +160,8 @@ impl Tcp {
             irs: 0,
             rcv_nxt: 0,
             ooo: BTreeMap::new(),
+            last_ooo: None,
+            dsack: None,
             received: Vec::new(),
             rcv_buf: 1 << 20,
             unread: 0,
@@ -196,10 +203,33 @@ impl Tcp {
         };
         let mut sack = Vec::new();
         if self.use_sack && !syn_opts {
+            // As Linux: a duplicate first (DSACK), then the block holding
+            // the latest arrival, then the others from the highest; blocks
+            // are merged ranges, three at most (with timestamps).
             let base = self.irs.wrapping_add(1);
-            for (off, b) in self.ooo.iter().rev().take(3) {
-                let l = base.wrapping_add(*off as u32);
-                sack.push((l, l.wrapping_add(b.len() as u32)));
+            if let Some(d) = self.dsack.take() {
+                sack.push(d);
+            }
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for (&off, b) in &self.ooo {
+                let end = off + b.len() as u64;
+                match ranges.last_mut() {
+                    Some(r) if off <= r.1 => r.1 = r.1.max(end),
+                    _ => ranges.push((off, end)),
+                }
+            }
+            if let Some(i) = self
+                .last_ooo
+                .and_then(|o| ranges.iter().position(|&(a, b)| a <= o && o < b))
+            {
+                let r = ranges.remove(i);
+                ranges.push(r);
+            }
+            for &(a, b) in ranges.iter().rev() {
+                if sack.len() >= 3 {
+                    break;
+                }
+                sack.push((base.wrapping_add(a as u32), base.wrapping_add(b as u32)));
             }
         }
         let win = if fl & flags::SYN != 0 {
@@ -380,8 +410,19 @@ impl Tcp {
             }
             let start = off.max(self.received.len() as i64);
             let skip = (start - off) as usize;
+            let dup_ooo = skip < s.payload.len()
+                && self
+                    .ooo
+                    .get(&(start as u64))
+                    .is_some_and(|b| b.len() >= s.payload.len() - skip);
+            if skip >= s.payload.len() || dup_ooo {
+                self.dsack = Some((s.seq, s.seq.wrapping_add(s.payload.len() as u32)));
+            }
             if skip < s.payload.len() {
                 let o = start as u64;
+                if o > self.received.len() as u64 {
+                    self.last_ooo = Some(o);
+                }
                 let e = self.ooo.entry(o).or_default();
                 if e.len() < s.payload.len() - skip {
                     *e = s.payload[skip..].to_vec();
@@ -956,6 +997,7 @@ pub fn opts(ws: Option<u8>, sack: bool, ts: bool) -> Opts {
 }
 
 /// Parameters of one guest -> peer scenario (see [`run`] and [`check`]).
+#[derive(Clone, Debug)]
 pub struct Params {
     pub mode: Mode,
     pub ipv6: bool,
