@@ -215,9 +215,8 @@ fn exact_under_one_percent_loss_toward_client() {
 fn exact_under_reordering_and_delay() {
     let p = LinkProfile {
         delay: Duration::from_millis(5),
-        // Per-frame jitter reorders nearly every frame at these rates and the
-        // engine (no RACK) then spends a minute in spurious recoveries; 1% of
-        // the frames overtaking the 5 ms queue reorders enough.
+        // 1% of the frames overtake the 5 ms queue (netem-style);
+        // per-frame jitter is the next test.
         reorder: 0.01,
         ..Default::default()
     };
@@ -230,7 +229,8 @@ fn exact_under_reordering_and_delay() {
     let s = bulk(&lan, "speculative", 256 * MIB, 256 * MIB);
     let emu = lan.emulator.as_ref().expect("link emulator");
     let reordered = emu.counters[0].reordered.load(Ordering::Relaxed);
-    assert!(reordered > 100, "the emulator reordered only {reordered} frames");
+    // 1% of the frames; fewer frames (larger GSO batches) on a loaded host.
+    assert!(reordered > 20, "the emulator reordered only {reordered} frames");
     assert!(
         kv_req(s.summary(), "max_held") > 0,
         "relay never speculated: {}",
@@ -239,6 +239,37 @@ fn exact_under_reordering_and_delay() {
 }
 
 /// 32 concurrent flows, 4 MiB each way each, all exact.
+/// Per-frame jitter (4.5 ms + uniform 0..1 ms each way: 5 ms +- 0.5 ms,
+/// frames overtake each other all the time) and 1% duplication, both
+/// ways: streams exact, and reordering is not mistaken for loss for long
+/// (recoveries it causes are undone; before the engine could tell, this
+/// transfer spent minutes in spurious recoveries).
+#[test]
+fn exact_under_per_frame_jitter_and_duplication() {
+    let p = LinkProfile {
+        delay: Duration::from_micros(4500),
+        jitter: Duration::from_millis(1),
+        duplicate: 0.01,
+        ..Default::default()
+    };
+    let shaping = Shaping {
+        to_client: p,
+        to_relay: p,
+        ..Shaping::default()
+    };
+    let lan = RelayLan::new("rj", Some(shaping)).expect("namespaces (run as root)");
+    let t0 = Instant::now();
+    let s = bulk(&lan, "speculative", 64 * MIB, 16 * MIB);
+    let summary = s.summary();
+    eprintln!("jitter: {:.1?}: {summary}", t0.elapsed());
+    assert!(kv_req(summary, "max_held") > 0, "relay never speculated: {summary}");
+    let (rec, undone) = (kv_req(summary, "fast_rec"), kv_req(summary, "undone"));
+    assert!(
+        rec <= 2 * undone + 10,
+        "{rec} fast recoveries, only {undone} undone: reordering taken for loss ({summary})"
+    );
+}
+
 #[test]
 fn thirty_two_concurrent_flows() {
     let lan = RelayLan::new("rf", None).expect("namespaces (run as root)");
