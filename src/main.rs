@@ -471,6 +471,8 @@ fn engine_config(output: OutputMode) -> remora_speculate::Config {
         },
         per_flow_budget: 16 << 20,
         tso_max: 64_000,
+        // The TAP completes the checksums of the segments the engine sends.
+        offload_checksums: true,
         ..remora_speculate::Config::default()
     }
 }

@@ -198,6 +198,8 @@ impl Relay {
             global_cap: cfg.global_cap,
             mtu: cfg.mtu,
             tso_max: TSO_MAX,
+            // The outer TAP completes checksums (NEEDS_CSUM).
+            offload_checksums: true,
             ..Config::default()
         })
         .map_err(|e| RelayError::Config(e.to_string()))?;
@@ -414,7 +416,7 @@ impl Relay {
     fn flush(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
             let mut frame = t.frame;
-            let Some(hdr) = vnet::header_for_output(&mut frame, self.cfg.mtu, t.gso_size) else {
+            let Some(hdr) = vnet::header_for_output(&mut frame, self.cfg.mtu, t.gso_size, t.partial_csum) else {
                 debug!(len = frame.len(), "frame longer than the MTU and not TCP: dropped");
                 self.report.drops += 1;
                 continue;

@@ -281,6 +281,7 @@ impl Engine {
             to: Side::Inner,
             frame: frame.to_vec(),
             gso_size: None,
+            partial_csum: false,
         });
     }
 
@@ -325,6 +326,7 @@ impl Engine {
                     to: Side::Outer,
                     frame: frame.to_vec(),
                     gso_size: None,
+                    partial_csum: false,
                 });
                 return;
             }
@@ -553,6 +555,7 @@ impl Engine {
                     to: Side::Inner,
                     frame: f,
                     gso_size: None,
+                    partial_csum: false,
                 });
             }
         }
@@ -602,6 +605,7 @@ impl Engine {
                     to: Side::Inner,
                     frame: frame.to_vec(),
                     gso_size: None,
+                    partial_csum: false,
                 });
             }
             drop(flow);
@@ -631,6 +635,7 @@ impl Engine {
                 to: Side::Inner,
                 frame: f,
                 gso_size: None,
+                partial_csum: false,
             });
         } else if guest_needs_ack {
             // E.g. the peer's ACK completing a passive open: the guest gets
@@ -703,6 +708,7 @@ impl Engine {
                             to: Side::Outer,
                             frame: f,
                             gso_size: None,
+                            partial_csum: false,
                         });
                     }
                     Item::Spec {

@@ -895,6 +895,7 @@ impl Flow {
             to: Side::Inner,
             frame,
             gso_size: None,
+            partial_csum: false,
         });
     }
 
@@ -1146,6 +1147,7 @@ impl Flow {
             to: Side::Inner,
             frame,
             gso_size: None,
+            partial_csum: false,
         });
         self.close(ctx, now);
     }
@@ -1257,7 +1259,7 @@ impl Flow {
             timestamps: ts,
             sack,
         }
-        .to_frame(p1, p2);
+        .to_frame_csum(&[], p1, p2, ctx.cfg.offload_checksums);
         self.ip_id = self.ip_id.wrapping_add(1);
         self.last_sent_ack = Some((a.ack, a.window));
         ctx.stats.segments_sent += 1;
@@ -1266,6 +1268,7 @@ impl Flow {
             to: Side::Outer,
             frame,
             gso_size: (n as u32 > mss).then(|| mss.min(u32::from(u16::MAX)) as u16),
+            partial_csum: ctx.cfg.offload_checksums,
         });
     }
 

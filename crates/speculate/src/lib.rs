@@ -79,6 +79,11 @@ pub struct Transmit {
     /// segment ([`Config::tso_max`]): the segment size the device must cut
     /// the frame into (virtio-net GSO).
     pub gso_size: Option<u16>,
+    /// The TCP checksum field holds only the pseudo-header sum
+    /// ([`Config::offload_checksums`]): the driver must hand the frame to
+    /// its device with virtio-net's `NEEDS_CSUM` (checksum start at the TCP
+    /// header, offset 16).
+    pub partial_csum: bool,
 }
 
 /// The state of a received frame's checksums, as a virtio-net header
@@ -162,6 +167,11 @@ pub struct Config {
     /// of a speculated flow, so that RACC in the guest knows its ACKs come
     /// from a speculating VMM (other TCP stacks ignore the option).
     pub mark_acks: bool,
+    /// Segments the engine builds toward the peer leave with a partial
+    /// checksum ([`Transmit::partial_csum`]) for a driver whose device
+    /// completes it (a TAP with virtio-net headers): the engine never sums
+    /// the bytes it sends.
+    pub offload_checksums: bool,
 }
 
 impl Default for Config {
@@ -185,6 +195,7 @@ impl Default for Config {
             rst_linger: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
             mark_acks: true,
+            offload_checksums: false,
         }
     }
 }

@@ -367,6 +367,27 @@ pub fn fix_checksums(frame: &mut [u8], net: &Net, tcp_offset: usize) {
     frame[tcp_offset + 16..tcp_offset + 18].copy_from_slice(&c.to_be_bytes());
 }
 
+/// The IPv4 header checksum, and in the TCP checksum field the folded
+/// pseudo-header sum only (not complemented), as Linux leaves a
+/// `CHECKSUM_PARTIAL` segment: the device completes it over the segment.
+pub fn partial_checksums(frame: &mut [u8], net: &Net, tcp_offset: usize) {
+    if frame.len() < tcp_offset + 20 {
+        return;
+    }
+    if let Net::V4 { .. } = net {
+        frame[ETH_LEN + 10] = 0;
+        frame[ETH_LEN + 11] = 0;
+        let c = Sum16BitWords::new()
+            .add_slice(&frame[ETH_LEN..ETH_LEN + 20])
+            .ones_complement()
+            .to_be();
+        frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    let len = frame.len() - tcp_offset;
+    let folded = !pseudo_sum(net, len).ones_complement().to_be();
+    frame[tcp_offset + 16..tcp_offset + 18].copy_from_slice(&folded.to_be_bytes());
+}
+
 /// Ones-complement sum of a byte region (used for incremental checksum updates).
 fn region_sum(b: &[u8]) -> u16 {
     // `ones_complement` returns the complement; undo it to get the folded sum.
@@ -430,6 +451,13 @@ impl Build<'_> {
     /// bytes, e.g. [`RACC_MARK`]) after the other options; dropped if the
     /// options would exceed 40 bytes.
     pub fn to_frame_with(&self, extra: &[u8], p1: &[u8], p2: &[u8]) -> Vec<u8> {
+        self.to_frame_csum(extra, p1, p2, false)
+    }
+
+    /// [`Build::to_frame_with`]; with `partial` the TCP checksum field
+    /// holds only the pseudo-header sum (virtio's `NEEDS_CSUM`: the device
+    /// or the kernel completes it), so the payload is never summed here.
+    pub fn to_frame_csum(&self, extra: &[u8], p1: &[u8], p2: &[u8], partial: bool) -> Vec<u8> {
         let extra = if extra.len().is_multiple_of(4) && self.options_len() + extra.len() <= 40 {
             extra
         } else {
@@ -509,7 +537,11 @@ impl Build<'_> {
         debug_assert_eq!(f.len(), tcp_offset + 20 + olen);
         f.extend_from_slice(p1);
         f.extend_from_slice(p2);
-        fix_checksums(&mut f, &self.net, tcp_offset);
+        if partial {
+            partial_checksums(&mut f, &self.net, tcp_offset);
+        } else {
+            fix_checksums(&mut f, &self.net, tcp_offset);
+        }
         f
     }
 }
@@ -613,6 +645,43 @@ mod tests {
             bad[last] ^= 1;
             let Parsed::Tcp(s2) = parse(&bad) else { panic!() };
             assert!(!verify_checksums(&bad, &s2));
+        }
+    }
+
+    /// A partial checksum completed as a device does (ones-complement sum
+    /// from the TCP header on, with the pseudo-header sum in the field,
+    /// complemented into the field) gives the full checksum, odd lengths too.
+    #[test]
+    fn partial_checksum_completed_by_a_device_is_the_full_one() {
+        for net in [v4(), v6()] {
+            for payload in [&b""[..], b"a", b"hello world", &[0xffu8; 1447][..]] {
+                let b = Build {
+                    eth_src: [2, 0, 0, 0, 0, 1],
+                    eth_dst: [2, 0, 0, 0, 0, 2],
+                    net,
+                    ip_id: 9,
+                    src_port: 1234,
+                    dst_port: 80,
+                    seq: 77,
+                    ack: 42,
+                    flags: flags::ACK,
+                    window: 512,
+                    mss: None,
+                    wscale: None,
+                    sack_permitted: false,
+                    timestamps: Some((1, 2)),
+                    sack: &[],
+                };
+                let full = b.to_frame(payload, b"z");
+                let mut part = b.to_frame_csum(&[], payload, b"z", true);
+                let Parsed::Tcp(s) = parse(&full) else { panic!() };
+                let off = s.tcp_offset;
+                assert_eq!(full[..off + 16], part[..off + 16], "headers before the checksum differ");
+                assert_ne!(full[off + 16..off + 18], part[off + 16..off + 18]);
+                let folded = !Sum16BitWords::new().add_slice(&part[off..]).ones_complement();
+                part[off + 16..off + 18].copy_from_slice(&(!folded).to_ne_bytes());
+                assert_eq!(full, part, "{net:?} payload {}", payload.len());
+            }
         }
     }
 

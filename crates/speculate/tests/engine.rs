@@ -816,6 +816,7 @@ fn buffered_and_direct_modes() {
             to: Side::Outer,
             frame: f1,
             gso_size: None,
+            partial_csum: false,
         }
     );
     assert_eq!(
@@ -824,6 +825,7 @@ fn buffered_and_direct_modes() {
             to: Side::Inner,
             frame: f2,
             gso_size: None,
+            partial_csum: false,
         }
     );
 }

@@ -109,6 +109,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
             // From the selector (no extra byte read: recorded inputs keep
             // their meaning).
             mark_acks: sel & 0x10 != 0,
+            offload_checksums: sel & 0x20 != 0,
         };
     }
     let mode = match sel >> 6 {
@@ -139,6 +140,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
         rst_linger: inp.pick(&[Duration::ZERO, Duration::from_secs(5)]),
         idle_timeout: inp.pick(&[Duration::from_secs(300), Duration::ZERO, ms(50), ms(1)]),
         mark_acks: sel & 0x10 != 0,
+        offload_checksums: sel & 0x20 != 0,
     }
 }
 

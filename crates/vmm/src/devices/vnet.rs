@@ -141,8 +141,21 @@ fn tcp_layout(frame: &[u8]) -> Option<(u16, usize, usize)> {
 /// pseudo-header sum the kernel's segmentation expects. `None`: too long
 /// and not TCP (the kernel would drop it).
 /// `gso_size`, if given, is the segment size (else it follows from the MTU).
-pub fn header_for_output(frame: &mut [u8], mtu: usize, gso_size: Option<u16>) -> Option<VnetHdr> {
+/// `partial`: the TCP checksum field already holds only the pseudo-header
+/// sum (the engine's `Transmit::partial_csum`): the header asks the kernel
+/// to complete it (`NEEDS_CSUM`) for frames within the MTU too.
+pub fn header_for_output(frame: &mut [u8], mtu: usize, gso_size: Option<u16>, partial: bool) -> Option<VnetHdr> {
     if frame.len() <= ETH_LEN + mtu {
+        if partial {
+            if let Some((_, l3, _)) = tcp_layout(frame) {
+                return Some(VnetHdr {
+                    flags: F_NEEDS_CSUM,
+                    csum_start: (ETH_LEN + l3) as u16,
+                    csum_offset: 16,
+                    ..VnetHdr::default()
+                });
+            }
+        }
         return Some(VnetHdr::default());
     }
     let (ethertype, l3, doff) = tcp_layout(frame)?;
@@ -230,7 +243,7 @@ mod tests {
             // What the kernel hands over: the pseudo-header sum in the field.
             let mut f = good.clone();
             let mut gso = f.clone();
-            let hdr = header_for_output(&mut gso, usize::MAX / 2, None).unwrap();
+            let hdr = header_for_output(&mut gso, usize::MAX / 2, None, false).unwrap();
             assert_eq!(hdr, VnetHdr::default(), "fits: plain");
             let t = ETH_LEN + 20;
             let pseudo = fold(sum(&f[ETH_LEN + 12..ETH_LEN + 20]) + 6 + (f.len() - t) as u64);
@@ -264,7 +277,7 @@ mod tests {
     #[test]
     fn large_tcp_frame_becomes_gso_with_pseudo_sum() {
         let mut f = tcp4(10_000);
-        let hdr = header_for_output(&mut f, 1500, None).unwrap();
+        let hdr = header_for_output(&mut f, 1500, None, false).unwrap();
         assert_eq!(hdr.gso_type, GSO_TCPV4);
         assert_eq!(hdr.flags, F_NEEDS_CSUM);
         assert_eq!(hdr.gso_size, 1500 - 20 - 32);
@@ -275,21 +288,46 @@ mod tests {
         assert!(tcp_ok(&f));
     }
 
+    /// A frame within the MTU whose checksum the engine left partial gets
+    /// NEEDS_CSUM at the TCP header; completing it as the kernel does gives
+    /// a valid checksum.
+    #[test]
+    fn partial_frame_within_the_mtu_asks_the_kernel_for_its_checksum() {
+        let mut f = tcp4(1000);
+        let full = f.clone();
+        let tcp_start = ETH_LEN + 20;
+        let pseudo = sum(&f[ETH_LEN + 12..ETH_LEN + 20]) + u64::from(PROTO_TCP) + (f.len() - tcp_start) as u64;
+        f[tcp_start + 16..tcp_start + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
+        assert!(!tcp_ok(&f));
+        let hdr = header_for_output(&mut f, 1500, None, true).unwrap();
+        assert_eq!(hdr.flags, F_NEEDS_CSUM);
+        assert_eq!(hdr.gso_type, GSO_NONE);
+        assert_eq!((hdr.csum_start, hdr.csum_offset), (tcp_start as u16, 16));
+        assert!(complete_checksum(&mut f, &hdr));
+        assert_eq!(f, full);
+        // Without `partial` nothing is asked.
+        let mut g = full.clone();
+        assert_eq!(header_for_output(&mut g, 1500, None, false), Some(VnetHdr::default()));
+    }
+
     #[test]
     fn large_non_tcp_frame_is_refused() {
         let mut f = tcp4(10_000);
         f[ETH_LEN + 9] = 17;
-        assert_eq!(header_for_output(&mut f, 1500, None), None);
+        assert_eq!(header_for_output(&mut f, 1500, None, false), None);
         let mut short = vec![0u8; 20];
-        assert_eq!(header_for_output(&mut short, 1500, None), Some(VnetHdr::default()));
+        assert_eq!(
+            header_for_output(&mut short, 1500, None, false),
+            Some(VnetHdr::default())
+        );
         let mut f = tcp4(10_000);
         assert_eq!(
-            header_for_output(&mut f, 1500, Some(1000)).map(|h| h.gso_size),
+            header_for_output(&mut f, 1500, Some(1000), false).map(|h| h.gso_size),
             Some(1000)
         );
         let mut f = tcp4(10_000);
         assert_eq!(
-            header_for_output(&mut f, 1500, Some(9000)).map(|h| h.gso_size),
+            header_for_output(&mut f, 1500, Some(9000), false).map(|h| h.gso_size),
             Some(1448)
         );
     }
