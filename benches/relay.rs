@@ -1,13 +1,15 @@
 //! Relay benchmark: TCP goodput server -> client (inner -> outer, the
 //! direction the relay holds back) through `remora relay` in direct,
 //! buffered (Remus output commit) and speculative mode, for epochs of 10,
-//! 25 and 50 ms (commit delay 1 ms), 1 and 8 flows, on four links between
+//! 25 and 50 ms (commit delay 1 ms), 1 and 8 flows, on five links between
 //! the relay and the client:
 //!
 //! * `veth`: unshaped veth;
 //! * `1g-deep`: 1 Gbit/s, 1 ms RTT (0.5 ms each way in the link emulator),
 //!   a deep bottleneck queue (tbf limit 12.5 MB, 100 ms at line rate);
 //! * `1g-shallow`: the same with a shallow queue (375 KB, 3 ms);
+//! * `1g-jitter`: 1 Gbit/s, 5 ms +- 0.5 ms per frame each way (4.5 ms plus
+//!   uniform 0..1 ms: frames overtake each other), deep queue;
 //! * `1g-shallow-loss`: `1g-shallow` plus 0.5% random loss toward the client.
 //!
 //! Direct mode does not depend on the epoch: it is measured once per link
@@ -53,6 +55,9 @@ fn links() -> Vec<Link> {
     let half_ms = Duration::from_micros(500);
     let deep = Shaping::rate("1gbit", 12_500_000).delay(half_ms);
     let shallow = Shaping::rate("1gbit", 375_000).delay(half_ms);
+    let mut jitter = Shaping::rate("1gbit", 12_500_000).delay(Duration::from_micros(4500));
+    jitter.to_client.jitter = Duration::from_millis(1);
+    jitter.to_relay.jitter = Duration::from_millis(1);
     vec![
         Link {
             name: "veth",
@@ -68,6 +73,11 @@ fn links() -> Vec<Link> {
             name: "1g-shallow",
             desc: "1 Gbit/s, 1 ms RTT, 3 ms queue",
             shaping: Some(shallow.clone()),
+        },
+        Link {
+            name: "1g-jitter",
+            desc: "1 Gbit/s, 5 ms +- 0.5 ms per frame each way (reordering), 100 ms queue",
+            shaping: Some(jitter),
         },
         Link {
             name: "1g-shallow-loss",

@@ -30,6 +30,14 @@ case "${1:-}" in
         mkdir -p docs/bench
         cp "${CARGO_TARGET_DIR:-target}/bench/http.txt" docs/bench/http.txt
         ;;
+    scale)
+        # 1..5000 flows through the speculative relay (~1 minute):
+        # target/bench/scale.{txt,json}, copied to docs/bench/scale.txt.
+        cargo build --release --quiet
+        cargo bench --quiet --bench scale
+        mkdir -p docs/bench
+        cp "${CARGO_TARGET_DIR:-target}/bench/scale.txt" docs/bench/scale.txt
+        ;;
     faults)
         # The fault campaign of tests/faults.rs with N trials (default 30):
         # a table per fault kind (trials, survived, violations, failover
@@ -44,5 +52,5 @@ case "${1:-}" in
         cat docs/bench/faults.txt
         exit "$rc"
         ;;
-    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay|replication|http|faults [N]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh boot|snapshot|net|relay|replication|http|scale|faults [N]" >&2; exit 2 ;;
 esac
