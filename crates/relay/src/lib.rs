@@ -423,6 +423,7 @@ impl Relay {
             };
             let res = write_frame(self.fd(t.to), &hdr.to_bytes(), &frame);
             count_write(&mut self.report, t.to, frame.len(), res);
+            self.engine.recycle(frame);
         }
     }
 }

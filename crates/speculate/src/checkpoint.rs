@@ -189,7 +189,9 @@ impl Drop for FlowMut<'_> {
 /// checkpoints and for the timer heap).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub(crate) struct FlowTable {
-    map: HashMap<FlowKey, Flow>,
+    /// foldhash: several times cheaper than SipHash per frame, and still
+    /// seeded at random per table (flow keys come from the network).
+    map: HashMap<FlowKey, Flow, foldhash::fast::RandomState>,
     mark: NotState<TableMark>,
     pub(crate) timers: NotState<Timers>,
 }

@@ -229,6 +229,8 @@ pub(crate) struct Ctx<'a> {
     pub global_blocked: &'a mut bool,
     /// Number of speculated flows (for the fair share of the global cap).
     pub spec_flows: &'a mut usize,
+    /// Frame buffers for reuse ([`crate::Engine::recycle`]).
+    pub pool: &'a mut Vec<Vec<u8>>,
 }
 
 /// A tracked flow. Everything but `buf` and `mark` is its metadata, sent
@@ -871,7 +873,8 @@ impl Flow {
                 hop_limit: 64,
             },
         };
-        let frame = wire::Build {
+        let mut frame = ctx.pool.pop().unwrap_or_default();
+        wire::Build {
             eth_src: self.gw_mac,
             eth_dst: self.guest_mac,
             net,
@@ -888,7 +891,13 @@ impl Flow {
             timestamps: ts,
             sack: &[],
         }
-        .to_frame_with(if ctx.cfg.mark_acks { &wire::RACC_MARK } else { &[] }, &[], &[]);
+        .write_frame(
+            &mut frame,
+            if ctx.cfg.mark_acks { &wire::RACC_MARK } else { &[] },
+            &[],
+            &[],
+            false,
+        );
         self.guest_seen_ack = Some(ack);
         ctx.stats.spec_acks += 1;
         ctx.out.push_back(Transmit {
@@ -919,7 +928,7 @@ impl Flow {
     /// removed (they describe the engine-owned direction).
     pub(crate) fn rewrite_for_guest(&mut self, ctx: &mut Ctx<'_>, frame: &[u8], seg: &Segment<'_>) -> Vec<u8> {
         let (ack, window) = self.ack_window_for_guest(ctx);
-        let mut f = frame[..seg.frame_len().min(frame.len())].to_vec();
+        let mut f = crate::engine::copy_pooled(ctx.pool, &frame[..seg.frame_len().min(frame.len())]);
         let off = seg.tcp_offset;
         let hl = seg.tcp_header_len;
         if f.len() < off + hl || hl > 60 {
@@ -1242,7 +1251,8 @@ impl Flow {
                 hop_limit,
             },
         };
-        let frame = wire::Build {
+        let mut frame = ctx.pool.pop().unwrap_or_default();
+        wire::Build {
             eth_src: self.guest_mac,
             eth_dst: self.gw_mac,
             net,
@@ -1259,7 +1269,7 @@ impl Flow {
             timestamps: ts,
             sack,
         }
-        .to_frame_csum(&[], p1, p2, ctx.cfg.offload_checksums);
+        .write_frame(&mut frame, &[], p1, p2, ctx.cfg.offload_checksums);
         self.ip_id = self.ip_id.wrapping_add(1);
         self.last_sent_ack = Some((a.ack, a.window));
         ctx.stats.segments_sent += 1;

@@ -458,6 +458,14 @@ impl Build<'_> {
     /// holds only the pseudo-header sum (virtio's `NEEDS_CSUM`: the device
     /// or the kernel completes it), so the payload is never summed here.
     pub fn to_frame_csum(&self, extra: &[u8], p1: &[u8], p2: &[u8], partial: bool) -> Vec<u8> {
+        let mut f = Vec::new();
+        self.write_frame(&mut f, extra, p1, p2, partial);
+        f
+    }
+
+    /// [`Build::to_frame_csum`] into `f` (cleared first; its allocation is
+    /// reused, e.g. a frame given back with [`crate::Engine::recycle`]).
+    pub fn write_frame(&self, f: &mut Vec<u8>, extra: &[u8], p1: &[u8], p2: &[u8], partial: bool) {
         let extra = if extra.len().is_multiple_of(4) && self.options_len() + extra.len() <= 40 {
             extra
         } else {
@@ -466,7 +474,8 @@ impl Build<'_> {
         let olen = self.options_len() + extra.len();
         let iplen = self.net.header_len();
         let tcp_len = 20 + olen + p1.len() + p2.len();
-        let mut f = Vec::with_capacity(ETH_LEN + iplen + tcp_len);
+        f.clear();
+        f.reserve(ETH_LEN + iplen + tcp_len);
         f.extend_from_slice(&self.eth_dst);
         f.extend_from_slice(&self.eth_src);
         match self.net {
@@ -538,11 +547,10 @@ impl Build<'_> {
         f.extend_from_slice(p1);
         f.extend_from_slice(p2);
         if partial {
-            partial_checksums(&mut f, &self.net, tcp_offset);
+            partial_checksums(f, &self.net, tcp_offset);
         } else {
-            fix_checksums(&mut f, &self.net, tcp_offset);
+            fix_checksums(f, &self.net, tcp_offset);
         }
-        f
     }
 }
 

@@ -391,6 +391,7 @@ impl EnginePort {
                 }
                 Side::Outer => self.push_tap(&frame, Some(hdr)),
             }
+            self.engine.recycle(frame);
         }
         self.flush_tap(tap);
         self.ctl.held.store(
