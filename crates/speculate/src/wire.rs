@@ -345,6 +345,18 @@ pub fn verify_checksums(frame: &[u8], seg: &Segment<'_>) -> bool {
     pseudo_sum(&seg.net, tcp.len()).add_slice(tcp).ones_complement() == 0
 }
 
+/// Sets the checksum of the (option-less) IPv4 header after the Ethernet
+/// header.
+fn ipv4_header_checksum(frame: &mut [u8]) {
+    frame[ETH_LEN + 10] = 0;
+    frame[ETH_LEN + 11] = 0;
+    let c = Sum16BitWords::new()
+        .add_slice(&frame[ETH_LEN..ETH_LEN + 20])
+        .ones_complement()
+        .to_be();
+    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+}
+
 /// Recompute the TCP (and IPv4 header) checksum of a frame in place.
 /// `tcp_offset` is the offset of the TCP header. No-op on a malformed frame.
 pub fn fix_checksums(frame: &mut [u8], net: &Net, tcp_offset: usize) {
@@ -352,13 +364,7 @@ pub fn fix_checksums(frame: &mut [u8], net: &Net, tcp_offset: usize) {
         return;
     }
     if let Net::V4 { .. } = net {
-        frame[ETH_LEN + 10] = 0;
-        frame[ETH_LEN + 11] = 0;
-        let c = Sum16BitWords::new()
-            .add_slice(&frame[ETH_LEN..ETH_LEN + 20])
-            .ones_complement()
-            .to_be();
-        frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+        ipv4_header_checksum(frame);
     }
     frame[tcp_offset + 16] = 0;
     frame[tcp_offset + 17] = 0;
@@ -375,13 +381,7 @@ pub fn partial_checksums(frame: &mut [u8], net: &Net, tcp_offset: usize) {
         return;
     }
     if let Net::V4 { .. } = net {
-        frame[ETH_LEN + 10] = 0;
-        frame[ETH_LEN + 11] = 0;
-        let c = Sum16BitWords::new()
-            .add_slice(&frame[ETH_LEN..ETH_LEN + 20])
-            .ones_complement()
-            .to_be();
-        frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+        ipv4_header_checksum(frame);
     }
     let len = frame.len() - tcp_offset;
     let folded = !pseudo_sum(net, len).ones_complement().to_be();
