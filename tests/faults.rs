@@ -506,8 +506,10 @@ fn sink_stream(lan: &HaLan) -> std::thread::JoinHandle<std::io::Result<(String, 
             }
         }
         c.shutdown(Shutdown::Write)?;
-        // The guest closes its side once it has hashed everything.
-        let _ = c.read_to_end(&mut Vec::new());
+        // The guest closes its side once it has hashed everything: a clean
+        // end of stream, not a reset.
+        c.read_to_end(&mut Vec::new())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("waiting for the guest's close after the data: {e}")))?;
         Ok((hex(&h.finalize()), Instant::now()))
     })
 }
@@ -1263,7 +1265,19 @@ fn check_lan(
     }
     // Resets from the guest on a stream while it ran (the client saw a
     // reset as an error too); later ones (a late segment of the client's
-    // answered after the guest closed) are only noted.
+    // answered after the guest closed) are only noted. "Later": after the
+    // client's thread saw the stream end, or after the guest's FIN on that
+    // stream crossed the LAN (the client's end time is taken when its
+    // thread wakes, which can be milliseconds after its kernel got the FIN
+    // and acknowledged it: the guest's answer to that ACK can be captured
+    // first). A reset that cost the client data fails its stream check.
+    let fin_at = |port: u16| -> Option<Instant> {
+        frames
+            .iter()
+            .filter(|f| f.src_mac == GUEST_MAC)
+            .find(|f| f.tcp.is_some_and(|t| t.is_fin() && !t.is_rst() && t.src.port() == port))
+            .map(|f| f.at)
+    };
     let end_of = |port: u16| ends.iter().find(|(p, _)| *p == port).map(|(_, t)| *t);
     let resets: Vec<String> = frames
         .iter()
@@ -1285,7 +1299,7 @@ fn check_lan(
                 t.seq,
                 rel(f.at, fault_at),
                 rel(f.at, end_of(t.src.port()).unwrap_or(fault_at)),
-                if end_of(t.src.port()).is_some_and(|e| f.at <= e) {
+                if end_of(t.src.port()).is_some_and(|e| f.at <= e) && fin_at(t.src.port()).is_none_or(|x| f.at < x) {
                     ""
                 } else {
                     " (after)"
