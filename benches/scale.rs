@@ -3,7 +3,8 @@
 //! speculative` at 25 ms epochs on an unshaped veth. Per row: aggregate
 //! goodput at the receivers, the relay's CPU (cores busy) and its memory
 //! per flow (RSS growth over the 1-flow row, divided by the flows), and
-//! the engine's flow table from the relay's summary. One thread drives all
+//! the engine's flow table from the relay's summary; and the same flows
+//! through a `direct` relay, what the host and the bench's sender can move. One thread drives all
 //! sockets (non-blocking), so thousands of flows cost the bench no threads.
 //!
 //! Target (issue 13): aggregate at 1000 flows within 20% of 8 flows.
@@ -64,10 +65,10 @@ struct Row {
     summary: String,
 }
 
-fn measure(lan: &RelayLan, flows: usize, port: u16, secs: u64) -> Row {
+fn measure(lan: &RelayLan, mode: &str, flows: usize, port: u16, secs: u64) -> Row {
     let relay = Relay::start(
         lan,
-        "speculative",
+        mode,
         &["--epoch-ms", "25", "--commit-delay-ms", "1", "--budget", "16777216"],
     );
     let listener: TcpListener = lan
@@ -189,10 +190,21 @@ fn main() {
         .and_then(|_| lan.server.sysctl("net/ipv4/tcp_max_syn_backlog", "8192"))
         .expect("sysctl");
     let mut out_rows = Vec::new();
+    let mut direct = Vec::new();
     let mut port = 9000;
     for &n in &rows {
+        // The same flows through a `direct` relay: what this host and the
+        // bench's one sender thread can move at all.
         port += 1;
-        let r = measure(&lan, n, port, secs);
+        let d = measure(&lan, "direct", n, port, secs);
+        eprintln!(
+            "{:>4.0}s {n:>5} flows direct: {:.3} Gbit/s",
+            started.elapsed().as_secs_f64(),
+            d.gbps
+        );
+        direct.push((n, d.gbps));
+        port += 1;
+        let r = measure(&lan, "speculative", n, port, secs);
         eprintln!(
             "{:>4.0}s {:>5} flows: {:.3} Gbit/s, relay {:.2} cores, RSS {} KiB; {}",
             started.elapsed().as_secs_f64(),
@@ -213,8 +225,8 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "{:>6} {:>9} {:>8} {:>11} {:>12} {:>9} {:>8}",
-        "flows", "Gbit/s", "vs 8", "relay cores", "KiB/flow", "max_held", "retx"
+        "{:>6} {:>9} {:>8} {:>11} {:>12} {:>9} {:>8} {:>13} {:>11}",
+        "flows", "Gbit/s", "vs 8", "relay cores", "KiB/flow", "max_held", "retx", "direct Gbit/s", "spec/direct"
     );
     for r in &out_rows {
         let per_flow = if r.flows > 1 && r.rss_kib > base_rss {
@@ -222,16 +234,23 @@ fn main() {
         } else {
             "-".into()
         };
+        let d = direct.iter().find(|(n, _)| *n == r.flows).map_or(0.0, |x| x.1);
         let _ = writeln!(
             out,
-            "{:>6} {:>9.3} {:>8} {:>11.2} {:>12} {:>9} {:>8}",
+            "{:>6} {:>9.3} {:>8} {:>11.2} {:>12} {:>9} {:>8} {:>13.3} {:>11}",
             r.flows,
             r.gbps,
             g8.map_or("-".into(), |g| format!("{:.2}x", r.gbps / g)),
             r.cpu,
             per_flow,
             kv(&r.summary, "max_held").unwrap_or(0),
-            kv(&r.summary, "retx").unwrap_or(0)
+            kv(&r.summary, "retx").unwrap_or(0),
+            d,
+            if d > 0.0 {
+                format!("{:.2}x", r.gbps / d)
+            } else {
+                "-".into()
+            }
         );
     }
     let _ = writeln!(out, "total bench time {:.0} s", started.elapsed().as_secs_f64());
@@ -240,8 +259,12 @@ fn main() {
         .iter()
         .map(|r| {
             format!(
-                "{{\"flows\":{},\"gbps\":{:.4},\"relay_cores\":{:.3},\"rss_kib\":{}}}",
-                r.flows, r.gbps, r.cpu, r.rss_kib
+                "{{\"flows\":{},\"gbps\":{:.4},\"relay_cores\":{:.3},\"rss_kib\":{},\"direct_gbps\":{:.4}}}",
+                r.flows,
+                r.gbps,
+                r.cpu,
+                r.rss_kib,
+                direct.iter().find(|(n, _)| *n == r.flows).map_or(0.0, |x| x.1)
             )
         })
         .collect();
