@@ -1829,26 +1829,22 @@ impl Flow {
     /// Every retransmission of the recovery proved spurious: restore the
     /// window and the CUBIC state from before it (RFC 3708 / Linux undo).
     fn try_undo(&mut self, ctx: &mut Ctx<'_>, now: Duration) {
-        let Some(u) = self.undo.as_ref() else {
+        let rtt = self.srtt.or(self.min_rtt).unwrap_or(Duration::from_millis(200));
+        let recovering = self.recovery.is_some();
+        let Some(u) = self.undo.as_mut() else {
             return;
         };
-        let all = u.ranges.as_ref().is_some_and(|r| r.is_empty()) && u.spurious > 0;
-        if !all {
-            if self.recovery.is_none() {
-                // The recovery is over: its DSACKs may still come for a
-                // round trip (and a little), then a real loss stays.
-                let rtt = self.srtt.or(self.min_rtt).unwrap_or(Duration::from_millis(200));
-                let expired = match self.undo.as_mut() {
-                    Some(u) => {
-                        let until = *u.until.get_or_insert(now + rtt * 2 + Duration::from_millis(10));
-                        now > until || u.ranges.is_none()
-                    }
-                    None => true,
-                };
-                if expired {
-                    self.undo = None;
-                }
+        if !recovering {
+            // The recovery is over: its DSACKs may still come for a round
+            // trip (and a little); after that a real loss stays, and a late
+            // duplicate must not restore an old window.
+            let until = *u.until.get_or_insert(now + rtt * 2 + Duration::from_millis(10));
+            if now > until || u.ranges.is_none() {
+                self.undo = None;
+                return;
             }
+        }
+        if !(u.ranges.as_ref().is_some_and(|r| r.is_empty()) && u.spurious > 0) {
             return;
         }
         let Some(u) = self.undo.take() else {
