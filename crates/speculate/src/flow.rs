@@ -1441,24 +1441,22 @@ impl Flow {
 
     fn retransmit(&mut self, ctx: &mut Ctx<'_>, now: Duration, start: u32, len: u32, fin: bool) {
         ctx.stats.retransmits += 1;
+        let end = start.wrapping_add(len).wrapping_add(u32::from(fin));
         if let Some(u) = self.undo.as_mut() {
-            let end = start.wrapping_add(len).wrapping_add(u32::from(fin));
             match u.ranges.as_mut() {
                 Some(r) if r.len() < UNDO_RANGES_MAX => r.push((start, end, now)),
                 _ => u.ranges = None,
             }
         }
         if self.recovery.is_some_and(|r| !r.after_rto) && self.retx_log.len() < RETX_LOG_MAX {
-            self.retx_log
-                .push_back((start, start.wrapping_add(len).wrapping_add(u32::from(fin)), now));
+            self.retx_log.push_back((start, end, now));
         }
         // Karn: never sample RTT from a retransmitted range; a range
         // retransmitted below the probe leaves only its SACK to sample.
-        if let Some((end, _)) = self.rtt_probe {
-            let rend = start.wrapping_add(len).wrapping_add(u32::from(fin));
-            if seq::lt(start, end) && seq::ge(rend, end) {
+        if let Some((probe_end, _)) = self.rtt_probe {
+            if seq::lt(start, probe_end) && seq::ge(end, probe_end) {
                 self.rtt_probe = None;
-            } else if seq::lt(start, end) {
+            } else if seq::lt(start, probe_end) {
                 self.rtt_probe_sack_only = true;
             }
         }

@@ -444,27 +444,18 @@ impl Build<'_> {
     /// Build the frame with the payload given as up to two slices (e.g. the
     /// two halves of a ring buffer). Checksums are computed.
     pub fn to_frame(&self, p1: &[u8], p2: &[u8]) -> Vec<u8> {
-        self.to_frame_with(&[], p1, p2)
-    }
-
-    /// [`Build::to_frame`] with `extra` (whole options, a multiple of 4
-    /// bytes, e.g. [`RACC_MARK`]) after the other options; dropped if the
-    /// options would exceed 40 bytes.
-    pub fn to_frame_with(&self, extra: &[u8], p1: &[u8], p2: &[u8]) -> Vec<u8> {
-        self.to_frame_csum(extra, p1, p2, false)
-    }
-
-    /// [`Build::to_frame_with`]; with `partial` the TCP checksum field
-    /// holds only the pseudo-header sum (virtio's `NEEDS_CSUM`: the device
-    /// or the kernel completes it), so the payload is never summed here.
-    pub fn to_frame_csum(&self, extra: &[u8], p1: &[u8], p2: &[u8], partial: bool) -> Vec<u8> {
         let mut f = Vec::new();
-        self.write_frame(&mut f, extra, p1, p2, partial);
+        self.write_frame(&mut f, &[], p1, p2, false);
         f
     }
 
-    /// [`Build::to_frame_csum`] into `f` (cleared first; its allocation is
-    /// reused, e.g. a frame given back with [`crate::Engine::recycle`]).
+    /// [`Build::to_frame`] into `f` (cleared first; its allocation is
+    /// reused, e.g. a frame given back with [`crate::Engine::recycle`]),
+    /// with `extra` (whole options, a multiple of 4 bytes, e.g.
+    /// [`RACC_MARK`]) after the other options (dropped if the options would
+    /// exceed 40 bytes). With `partial` the TCP checksum field holds only
+    /// the pseudo-header sum (virtio's `NEEDS_CSUM`: the device or the
+    /// kernel completes it), so the payload is never summed here.
     pub fn write_frame(&self, f: &mut Vec<u8>, extra: &[u8], p1: &[u8], p2: &[u8], partial: bool) {
         let extra = if extra.len().is_multiple_of(4) && self.options_len() + extra.len() <= 40 {
             extra
@@ -681,7 +672,8 @@ mod tests {
                     sack: &[],
                 };
                 let full = b.to_frame(payload, b"z");
-                let mut part = b.to_frame_csum(&[], payload, b"z", true);
+                let mut part = Vec::new();
+                b.write_frame(&mut part, &[], payload, b"z", true);
                 let Parsed::Tcp(s) = parse(&full) else { panic!() };
                 let off = s.tcp_offset;
                 assert_eq!(full[..off + 16], part[..off + 16], "headers before the checksum differ");
