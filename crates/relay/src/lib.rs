@@ -390,11 +390,16 @@ impl Relay {
                 continue;
             };
             let frame = &mut self.buf[HDR_LEN..n];
-            let csum = vnet::engine_checksum(frame, &hdr);
             let now = self.start.elapsed();
             match side {
-                Side::Inner => self.engine.handle_inner_with(now, frame, csum),
-                Side::Outer => self.engine.handle_outer_with(now, frame, csum),
+                Side::Inner => {
+                    let csum = vnet::inner_checksum(frame, &hdr);
+                    self.engine.handle_inner_with(now, frame, csum)
+                }
+                Side::Outer => {
+                    let csum = vnet::engine_checksum(frame, &hdr);
+                    self.engine.handle_outer_with(now, frame, csum)
+                }
             }
         }
         if self.cfg.mode != Mode::Direct {

@@ -290,14 +290,32 @@ impl Engine {
         copy_pooled(&mut self.pool.0, frame)
     }
 
-    fn hold(&mut self, frame: &[u8]) {
+    /// Holds a copy of `frame` until its epoch commits. `partial`: its TCP
+    /// checksum is only the pseudo-header sum (`Checksum::Partial`); the
+    /// copy is completed, as every frame the engine passes on must be.
+    fn hold(&mut self, frame: &[u8], partial: bool) {
         if self.buffered_bytes + frame.len() as u64 > self.cfg.buffered_cap as u64 {
             self.stats.buffered_drops += 1;
             return;
         }
-        self.buffered_bytes += frame.len() as u64;
-        let f = self.copy(frame);
+        let f = self.copy_complete(frame, partial);
+        self.buffered_bytes += f.len() as u64;
         self.current_items.push(Item::Raw(f));
+    }
+
+    /// A pooled copy of `frame`, its TCP checksum completed if `partial`
+    /// (and the frame trimmed to its IP length, as the sum covers no more).
+    fn copy_complete(&mut self, frame: &[u8], partial: bool) -> Vec<u8> {
+        if !partial {
+            return self.copy(frame);
+        }
+        let Parsed::Tcp(seg) = wire::parse(frame) else {
+            return self.copy(frame);
+        };
+        let (len, net, off) = (seg.frame_len(), seg.net, seg.tcp_offset);
+        let mut f = self.copy(&frame[..len]);
+        wire::fix_checksums(&mut f, &net, off);
+        f
     }
 
     fn pass_inner(&mut self, frame: &[u8]) {
@@ -314,14 +332,13 @@ impl Engine {
     // Inner (guest) side.
 
     /// A frame from the guest with the given checksum state.
+    /// A partial checksum is completed only where the frame itself goes
+    /// on (held whole, passed through): a speculated segment's payload is
+    /// copied into the flow's held bytes and sent in frames the engine
+    /// builds, so its checksum is never summed here.
     pub fn handle_inner_with(&mut self, now: Duration, frame: &[u8], csum: Checksum) {
-        match csum {
-            Checksum::Partial => match complete_checksum(frame) {
-                Some(f) => self.handle_inner(now, &f),
-                None => self.handle_inner(now, frame),
-            },
-            Checksum::Complete | Checksum::Verified => self.handle_inner(now, frame),
-        }
+        self.inner_frame(now, frame, csum == Checksum::Partial);
+        self.flows.sync_timers(&self.cfg);
     }
 
     /// A frame from the network with the given checksum state.
@@ -339,15 +356,15 @@ impl Engine {
     /// A frame from the guest (checksums complete or not needed: the guest
     /// side is trusted and not verified).
     pub fn handle_inner(&mut self, now: Duration, frame: &[u8]) {
-        self.inner_frame(now, frame);
+        self.inner_frame(now, frame, false);
         self.flows.sync_timers(&self.cfg);
     }
 
-    fn inner_frame(&mut self, now: Duration, frame: &[u8]) {
+    fn inner_frame(&mut self, now: Duration, frame: &[u8], partial: bool) {
         self.stats.inner_frames += 1;
         match self.cfg.mode {
             Mode::Direct => {
-                let frame = self.copy(frame);
+                let frame = self.copy_complete(frame, partial);
                 self.out.push_back(Transmit {
                     to: Side::Outer,
                     frame,
@@ -357,7 +374,7 @@ impl Engine {
                 return;
             }
             Mode::Buffered => {
-                self.hold(frame);
+                self.hold(frame, partial);
                 return;
             }
             Mode::Speculative => {}
@@ -366,14 +383,14 @@ impl Engine {
             Parsed::Tcp(s) => s,
             Parsed::Other => {
                 self.stats.non_tcp_frames += 1;
-                self.hold(frame);
+                self.hold(frame, partial);
                 return;
             }
         };
         let key = FlowKey::from_inner(&seg);
         if seg.has(flags::SYN) && !seg.has(flags::ACK) && !seg.has(flags::RST) {
             self.track_syn(now, key, &seg, true);
-            self.hold(frame);
+            self.hold(frame, partial);
             return;
         }
         // One lookup of the flow for the whole frame (on the hot path).
@@ -418,7 +435,7 @@ impl Engine {
             Some(item) => self.current_items.push(item),
             None => {
                 self.stats.fallback_frames += 1;
-                self.hold(frame);
+                self.hold(frame, partial);
             }
         }
     }

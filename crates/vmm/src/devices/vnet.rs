@@ -119,6 +119,20 @@ pub fn engine_checksum(frame: &mut [u8], hdr: &VnetHdr) -> remora_speculate::Che
     }
 }
 
+/// As [`engine_checksum`] for a frame from the guest (the engine's inner
+/// side): a TCP frame whose offloaded checksum is the TCP one is handed
+/// over as `Partial`, unsummed; the engine completes it only if the frame
+/// itself goes on (a speculated segment's payload never needs it).
+pub fn inner_checksum(frame: &mut [u8], hdr: &VnetHdr) -> remora_speculate::Checksum {
+    if hdr.flags & F_NEEDS_CSUM != 0
+        && hdr.csum_offset == 16
+        && tcp_layout(frame).is_some_and(|(_, l3, _)| usize::from(hdr.csum_start) == ETH_LEN + l3)
+    {
+        return remora_speculate::Checksum::Partial;
+    }
+    engine_checksum(frame, hdr)
+}
+
 /// Where the TCP header of an Ethernet frame is: (ethertype, L3 header
 /// length, TCP header length, IP payload length claimed by the header).
 fn tcp_layout(frame: &[u8]) -> Option<(u16, usize, usize)> {
@@ -258,6 +272,47 @@ mod tests {
             assert!(complete_checksum(&mut f, &hdr));
             assert_eq!(f, good, "payload {payload}");
         }
+    }
+
+    #[test]
+    fn inner_tcp_partial_frames_are_left_to_the_engine() {
+        use remora_speculate::Checksum;
+        let t = ETH_LEN + 20;
+        let partial = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: t as u16,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        let mut f = tcp4(1000);
+        f[t + 16] ^= 0xff;
+        let before = f.clone();
+        assert_eq!(inner_checksum(&mut f, &partial), Checksum::Partial);
+        assert_eq!(f, before, "not summed");
+        // An offload the engine could not complete itself (not the TCP
+        // checksum field) is completed here, as for the outer side.
+        let mut udp = tcp4(1000);
+        udp[ETH_LEN + 9] = 17;
+        let odd = VnetHdr {
+            csum_offset: 6,
+            ..partial
+        };
+        assert_eq!(inner_checksum(&mut udp, &odd), Checksum::Verified);
+        let mut g = tcp4(1000);
+        let shifted = VnetHdr {
+            csum_start: t as u16 + 4,
+            csum_offset: 12,
+            ..partial
+        };
+        assert_eq!(inner_checksum(&mut g, &shifted), Checksum::Verified);
+        // DATA_VALID and plain frames as engine_checksum says.
+        let mut h = tcp4(10);
+        let valid = VnetHdr {
+            flags: F_DATA_VALID,
+            ..Default::default()
+        };
+        assert_eq!(inner_checksum(&mut h, &valid), Checksum::Verified);
+        assert_eq!(inner_checksum(&mut h, &VnetHdr::default()), Checksum::Complete);
     }
 
     #[test]

@@ -293,7 +293,7 @@ impl EnginePort {
     /// A frame from the guest (vnet header + Ethernet frame).
     pub fn from_guest(&mut self, buf: &mut [u8]) {
         let now = self.now();
-        if let Some((frame, csum)) = strip(buf) {
+        if let Some((frame, csum)) = strip(buf, vnet::inner_checksum) {
             self.engine.handle_inner_with(now, frame, csum);
         }
     }
@@ -301,7 +301,7 @@ impl EnginePort {
     /// A frame from the TAP (vnet header + Ethernet frame).
     pub fn from_tap(&mut self, buf: &mut [u8]) {
         let now = self.now();
-        if let Some((frame, csum)) = strip(buf) {
+        if let Some((frame, csum)) = strip(buf, vnet::engine_checksum) {
             self.engine.handle_outer_with(now, frame, csum);
         }
     }
@@ -447,11 +447,12 @@ impl EnginePort {
     }
 }
 
-/// Splits a vnet-header frame, completing an offloaded checksum.
-fn strip(buf: &mut [u8]) -> Option<(&[u8], Checksum)> {
+/// Splits a vnet-header frame; `csum` says what the engine gets to know of
+/// its checksums (and completes an offloaded one where the engine needs it).
+fn strip(buf: &mut [u8], csum: fn(&mut [u8], &VnetHdr) -> Checksum) -> Option<(&[u8], Checksum)> {
     let hdr = VnetHdr::parse(buf)?;
     let frame = buf.get_mut(HDR_LEN..)?;
-    let csum = vnet::engine_checksum(frame, &hdr);
+    let csum = csum(frame, &hdr);
     Some((frame, csum))
 }
 
