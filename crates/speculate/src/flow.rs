@@ -192,6 +192,43 @@ pub(crate) const REORDERING_INIT: u32 = 3;
 const REORDERING_MAX: u32 = 300;
 /// Retransmitted ranges of one recovery remembered for undo.
 const UNDO_RANGES_MAX: usize = 256;
+/// RACK's reordering window grows by min_rtt/4 per undone recovery, up to
+/// this many steps (and never beyond SRTT); reset after
+/// [`RACK_REO_RESET`] recoveries with no growth (RFC 8985 6.2).
+const RACK_REO_MULT_MAX: u32 = 16;
+const RACK_REO_RESET: u32 = 16;
+/// At most this many log entries are looked at for the reordering timer.
+const RACK_TIMER_SCAN: usize = 64;
+
+/// RACK (RFC 8985): loss is decided by time, not by counting segments. A
+/// segment is lost once a segment sent more than a reordering window after
+/// it was delivered, or once it has been out an RTT plus that window. So
+/// per-frame jitter (reordering of up to a millisecond, ~80 segments at
+/// 1 Gbit/s) costs no retransmission once reordering has been seen, and a
+/// real loss is still found within a round trip.
+///
+/// Kept beside the state, not in it: not checkpointed (after a failover
+/// the engine recovers from a timeout anyway, and the send log of a fast
+/// flow would grow every checkpoint), ignored by `==`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Rack {
+    /// (end, time sent) of each original transmission above snd_una, in
+    /// sequence (and so time) order.
+    sent: VecDeque<(u32, Duration)>,
+    /// Send time and end of the most recently sent data known delivered.
+    xmit: Option<(Duration, u32)>,
+    /// The RTT of that delivery.
+    rtt: Duration,
+    /// Reordering window in min_rtt/4 steps (0 until first used: 1).
+    reo_mult: u32,
+    /// Recoveries since `reo_mult` last grew.
+    recoveries: u32,
+    /// Unacknowledged, unSACKed data below this was lost.
+    lost: Option<u32>,
+    /// When the oldest suspect segment (sent before the delivered one,
+    /// within the window) will count as lost.
+    deadline: Option<Duration>,
+}
 
 /// What a fast recovery changed, to restore if it proves spurious (every
 /// retransmission of it reached the peer after the original did: the
@@ -363,6 +400,9 @@ pub(crate) struct Flow {
     /// Checkpoint bookkeeping (not state: ignored by `==`, not serialised).
     #[serde(skip)]
     pub mark: NotState<FlowMark>,
+    /// RACK loss detection (derived from this host's sends; not serialised).
+    #[serde(skip)]
+    pub rack: NotState<Rack>,
 }
 
 impl Flow {
@@ -445,6 +485,7 @@ impl Flow {
             last_activity: now,
             touched: false,
             mark: NotState::default(),
+            rack: NotState::default(),
         }
     }
 
@@ -465,6 +506,7 @@ impl Flow {
             self.persist_deadline,
             self.linger,
             self.tlp_deadline,
+            self.rack.0.deadline,
             self.idle_deadline(idle),
         ]
         .into_iter()
@@ -693,6 +735,7 @@ impl Flow {
         self.persist_deadline = None;
         self.tlp_deadline = None;
         self.tlp_sent = false;
+        self.rack.0 = Rack::default();
     }
 
     fn held(&self) -> u64 {
@@ -1311,7 +1354,14 @@ impl Flow {
             r.point
         } else {
             let one = self.snd_una.wrapping_add(self.mss_eff(cfg));
-            seq::min(seq::max(self.high_sack(), one), r.point)
+            // RACK's boundary where it knows the send times; else every
+            // hole below the highest SACK (RFC 6675's simplification).
+            let lost = if self.rack_on() {
+                self.rack.0.lost.unwrap_or(self.snd_una)
+            } else {
+                self.high_sack()
+            };
+            seq::min(seq::max(lost, one), r.point)
         })
     }
 
@@ -1417,6 +1467,7 @@ impl Flow {
             let s = self.snd_max;
             self.emit(ctx, now, s, len, if fin { flags::FIN } else { 0 }, false);
             self.snd_max = s.wrapping_add(len).wrapping_add(u32::from(fin));
+            self.rack.0.sent.push_back((self.snd_max, now));
             if self.rtt_probe.is_none() {
                 self.rtt_probe = Some((self.snd_max, now));
                 self.rtt_probe_sack_only = self.recovery.is_some();
@@ -1483,6 +1534,12 @@ impl Flow {
             after_rto: false,
         });
         ctx.stats.fast_recoveries += 1;
+        let rk = &mut self.rack.0;
+        rk.recoveries += 1;
+        if rk.recoveries >= RACK_REO_RESET {
+            rk.reo_mult = 1;
+            rk.recoveries = 0;
+        }
         self.retx_log.clear();
         // Fast retransmit of the first hole, regardless of cwnd.
         self.retx_nxt = self.retransmit_first_hole(ctx, now).unwrap_or(self.snd_una);
@@ -1549,6 +1606,103 @@ impl Flow {
         ctx.stats.tail_probes += 1;
         self.tlp_sent = true;
         self.retransmit(ctx, now, start, seq::dist(start, data_end), fin);
+    }
+
+    /// RACK usable (SACK, an RTT sample, a delivered send time known):
+    /// loss is decided by send times.
+    fn rack_on(&self) -> bool {
+        self.sack_ok && self.min_rtt.is_some() && self.rack.0.xmit.is_some()
+    }
+
+    /// RACK's reordering window (RFC 8985 6.2): none while no reordering
+    /// was seen and the hole is already clear (in recovery, or a
+    /// reordering threshold's worth SACKed above it); else a quarter of
+    /// the minimum RTT per step, at most SRTT.
+    fn reo_wnd(&self, mss: u32) -> Duration {
+        let seen = self.reordering > REORDERING_INIT;
+        if !seen
+            && (self.recovery.is_some()
+                || self.sacked_in(self.snd_una, self.snd_max) >= self.reordering.saturating_mul(mss))
+        {
+            return Duration::ZERO;
+        }
+        let Some(min_rtt) = self.min_rtt else {
+            return Duration::ZERO;
+        };
+        let w = min_rtt / 4 * self.rack.0.reo_mult.max(1);
+        self.srtt.map_or(w, |s| w.min(s))
+    }
+
+    /// Data [l, r) was newly delivered (ACKed or SACKed): RACK remembers
+    /// the latest send time delivered. A retransmitted range counts with
+    /// its retransmission's time, unless the ACK came sooner than the
+    /// minimum RTT after it (then it was the original's: ambiguous, skipped).
+    fn rack_delivered(&mut self, now: Duration, l: u32, r: u32) {
+        let i = self.rack.0.sent.partition_point(|&(end, _)| seq::lt(end, r));
+        let Some(&(_, orig)) = self.rack.0.sent.get(i) else {
+            return;
+        };
+        let retx = self
+            .retx_log
+            .iter()
+            .rev()
+            .find(|&&(a, b, _)| seq::lt(a, r) && seq::lt(l, b))
+            .map(|e| e.2);
+        let t = match (retx, self.min_rtt) {
+            (Some(at), Some(m)) if now.saturating_sub(at) >= m => at,
+            (Some(_), _) => return,
+            (None, _) => orig,
+        };
+        let rk = &mut self.rack.0;
+        if rk.xmit.is_none_or(|(xt, xe)| t > xt || (t == xt && seq::gt(r, xe))) {
+            rk.xmit = Some((t, r));
+            rk.rtt = now.saturating_sub(t);
+        }
+    }
+
+    /// Recomputes what RACK counts lost (RFC 8985 6.2: data sent before
+    /// the latest delivered send, in time then sequence order, and out for
+    /// that delivery's RTT plus the reordering window; a prefix of the send
+    /// log), and the timer for the first suspect segment.
+    fn rack_detect(&mut self, now: Duration, mss: u32) {
+        let reo = self.reo_wnd(mss);
+        let rk = &self.rack.0;
+        let Some((xt, xend)) = rk.xmit else {
+            self.rack.0.lost = None;
+            self.rack.0.deadline = None;
+            return;
+        };
+        let before = |end: u32, t: Duration| t < xt || (t == xt && seq::le(end, xend));
+        let n = rk
+            .sent
+            .partition_point(|&(end, t)| before(end, t) && t + rk.rtt + reo <= now);
+        let lost = n.checked_sub(1).map(|i| rk.sent[i].0);
+        // Sent before the delivered data, not yet lost, not wholly SACKed:
+        // lost at send + RTT + window (later than now) unless delivered.
+        let mut deadline = None;
+        let mut start = lost.map_or(self.snd_una, |b| seq::max(b, self.snd_una));
+        for &(end, t) in rk.sent.iter().skip(n).take(RACK_TIMER_SCAN) {
+            if !before(end, t) {
+                break;
+            }
+            if seq::gt(end, start) && self.sacked_in(start, end) < seq::dist(start, end) {
+                deadline = Some(t + rk.rtt + reo);
+                break;
+            }
+            start = seq::max(start, end);
+        }
+        self.rack.0.lost = lost;
+        self.rack.0.deadline = deadline;
+    }
+
+    /// RACK counts the first hole above snd_una lost.
+    fn rack_hole_lost(&self) -> bool {
+        self.rack_on()
+            && self
+                .rack
+                .0
+                .lost
+                .is_some_and(|b| seq::gt(b, self.next_unsacked(self.snd_una)))
     }
 
     /// During fast recovery: if the retransmission of the segment at
@@ -1652,6 +1806,9 @@ impl Flow {
                         self.note_hole_filled(ctx, now, fl, fr, high_before, mss);
                     }
                 }
+                if seq::lt(l, r) && self.sacked_in(l, r) < seq::dist(l, r) {
+                    self.rack_delivered(now, l, r);
+                }
                 if let Some((end, t)) = self.rtt_probe {
                     // The probe's own segment SACKed: an exact sample.
                     if seq::lt(l, end) && seq::ge(r, end) {
@@ -1668,6 +1825,13 @@ impl Flow {
             self.note_hole_filled(ctx, now, una, seq::min(ack, high_before), high_before, mss);
         }
         if seq::gt(ack, self.snd_una) {
+            let una = self.snd_una;
+            if self.sacked_in(una, ack) < seq::dist(una, ack) {
+                self.rack_delivered(now, una, ack);
+            }
+            while self.rack.0.sent.front().is_some_and(|&(end, _)| seq::le(end, ack)) {
+                self.rack.0.sent.pop_front();
+            }
             let acked = seq::dist(self.snd_una, ack);
             let bytes = seq::dist(self.snd_una, seq::min(ack, self.data_end)) as usize;
             let bytes = bytes.min(self.buf.len());
@@ -1754,16 +1918,20 @@ impl Flow {
         if !self.window_closed() {
             self.persist_backoff = 0;
         }
+        self.rack_detect(now, mss);
         if self.recovery.is_none() && self.snd_max != self.snd_una {
             let sacked = if self.sack_ok {
                 self.sacked_in(self.snd_una, self.snd_max)
             } else {
                 0
             };
-            // The answer to a tail loss probe SACKs it above a hole: that
-            // hole was lost (no more duplicate ACKs are coming).
+            // With RACK (SACK and known send times) the hole is lost when
+            // RACK says so; else by counting (duplicate ACKs, or SACKed
+            // segments above it). The answer to a tail loss probe SACKs it
+            // above a hole: that hole was lost (no more ACKs are coming).
             let thresh = self.reordering;
-            if self.dupacks >= thresh || sacked >= thresh.saturating_mul(mss) || (probe_out && sacked > 0) {
+            let counted = !self.rack_on() && (self.dupacks >= thresh || sacked >= thresh.saturating_mul(mss));
+            if counted || self.rack_hole_lost() || (probe_out && sacked > 0) {
                 self.enter_recovery(ctx, now);
             }
         }
@@ -1856,6 +2024,9 @@ impl Flow {
             self.recovery = None;
         }
         ctx.stats.spurious_recoveries += 1;
+        let rk = &mut self.rack.0;
+        rk.reo_mult = (rk.reo_mult.max(1) + 1).min(RACK_REO_MULT_MAX);
+        rk.recoveries = 0;
         debug!(key = ?self.key, reordering = self.reordering, "spurious recovery undone");
     }
 
@@ -1973,6 +2144,7 @@ impl Flow {
         self.tlp_deadline = None;
         self.tlp_sent = false;
         self.retx_log.clear();
+        self.rack.0 = Rack::default();
         self.cubic.epoch_start = None;
         self.persist_backoff = 0;
         self.retries = 0;
@@ -2034,7 +2206,18 @@ impl Flow {
             self.rto_deadline = None;
             self.persist_deadline = None;
             self.tlp_deadline = None;
+            self.rack.0.deadline = None;
             return;
+        }
+        if self.rack.0.deadline.is_some_and(|d| d <= now) {
+            // RACK's reordering timer: a suspect segment's time is up.
+            self.rack.0.deadline = None;
+            let mss = self.mss_eff(ctx.cfg);
+            self.rack_detect(now, mss);
+            if self.recovery.is_none() && self.rack_hole_lost() {
+                self.enter_recovery(ctx, now);
+            }
+            self.send_loop(ctx, now);
         }
         if let Some(d) = self.rto_deadline {
             if d <= now {

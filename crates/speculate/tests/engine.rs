@@ -427,6 +427,64 @@ fn budget_closes_window_and_update_follows() {
     assert!(u32::from(a.window) << 3 >= 6940 - 8);
 }
 
+/// RACK (RFC 8985): a hole with one segment SACKed above it is not lost
+/// at once (it may be reordered) but a reordering window after its RTT:
+/// the engine's timer fires then and retransmits it, long before a tail
+/// probe or the RTO. Counting duplicate ACKs would have waited for three.
+#[test]
+fn rack_marks_a_hole_lost_by_time() {
+    let ep = Ep { v6: false };
+    let mut e = open(ep, 1 << 20);
+    let seg_len = 1388u32;
+    let base = GISN.wrapping_add(1);
+    let data = vec![5u8; seg_len as usize * 5];
+    e.handle_inner(
+        ms(10),
+        &ep.guest(base, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &data),
+    );
+    drain(&mut e);
+    assert_eq!(commit_all(&mut e, ms(20)).len(), 5);
+    // The first segment acknowledged: an RTT sample of 10 ms (min RTT).
+    let ack1 = base.wrapping_add(seg_len);
+    e.handle_outer(
+        ms(30),
+        &ep.peer(PISN + 1, ack1, flags::ACK, 8192, Some((5100, 1100)), &[], &[]),
+    );
+    assert!(drain(&mut e).is_empty());
+    // The third segment SACKed, the second not: suspect, not yet lost.
+    let sack = [(base.wrapping_add(2 * seg_len), base.wrapping_add(3 * seg_len))];
+    e.handle_outer(
+        ms(31),
+        &ep.peer(PISN + 1, ack1, flags::ACK, 8192, Some((5101, 1100)), &sack, &[]),
+    );
+    assert!(
+        drain(&mut e).is_empty(),
+        "one SACK above a hole is reordering until proven lost"
+    );
+    // Lost at send (20 ms) + the delivery's RTT (11 ms) + the reordering
+    // window (min RTT / 4 = 2.5 ms).
+    let due = ms(33) + Duration::from_micros(500);
+    assert_eq!(e.poll_timeout(), Some(due));
+    e.handle_timeout(due);
+    let retx: Vec<u32> = drain(&mut e)
+        .iter()
+        .filter(|t| t.to == Side::Outer)
+        .map(|t| seg(&t.frame).seq)
+        .collect();
+    assert_eq!(retx, vec![ack1], "the hole, and only it");
+    assert_eq!(e.stats().fast_recoveries, 1);
+    assert_eq!(e.stats().timeouts, 0);
+    assert_eq!(e.stats().tail_probes, 0);
+    // Its retransmission acknowledged with everything: the flow is clear.
+    let end = base.wrapping_add(data.len() as u32);
+    e.handle_outer(
+        ms(45),
+        &ep.peer(PISN + 1, end, flags::ACK, 8192, Some((5102, 1100)), &[], &[]),
+    );
+    assert_eq!(e.stats().bytes_held, 0);
+    assert_eq!(e.poll_timeout(), Some(ms(45) + IDLE), "no timer left but the idle one");
+}
+
 #[test]
 fn retransmission_timeout_with_backoff_and_fast_retransmit() {
     let ep = Ep { v6: false };
@@ -1166,6 +1224,28 @@ fn checksum_offloaded_frames() {
     );
     e.handle_outer_with(ms(11), &p2, Checksum::Verified);
     assert_eq!(drain(&mut e).len(), 1);
+    // Speculated guest data with a partial checksum (the field holds
+    // anything: it is never summed): acknowledged at once, and after the
+    // commit sent in a frame the engine built, its checksum valid.
+    let mut d = ep.guest(
+        GISN.wrapping_add(1),
+        PISN + 11,
+        flags::ACK | flags::PSH,
+        502,
+        None,
+        &[],
+        b"speculated",
+    );
+    d[off] = 0xde;
+    d[off + 1] = 0xad;
+    e.handle_inner_with(ms(12), &d, Checksum::Partial);
+    let acks = drain(&mut e);
+    assert_eq!(acks.len(), 1, "speculative ACK");
+    assert_eq!(seg(&acks[0].frame).ack, GISN.wrapping_add(11));
+    let out = commit_all(&mut e, ms(13));
+    let data: Vec<_> = out.iter().filter(|t| t.to == Side::Outer).collect();
+    assert_eq!(data.len(), 1);
+    assert_eq!(seg(&data[0].frame).payload, b"speculated");
     // Guest frames with partial checksums: speculated data is re-built
     // anyway; a held (fallback) frame goes out completed.
     let mut g = ep.guest(7, 8, flags::ACK, 100, None, &[], b"fallback");
