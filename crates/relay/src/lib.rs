@@ -135,7 +135,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "t={:.1}s in={} out={} in_mbit={in_mbit:.0} to_outer_mbit={out_mbit:.0} flows={} spec={} held={} \
-             buffered={} max_held={} spec_acks={} segs={} retx={} fast_rec={} undone={} lost_retx={} tlp={} rto={} probes={} fallback={} \
+             buffered={} max_held={} spec_acks={} segs={} retx={} fast_rec={} undone={} hystart={} lost_retx={} tlp={} rto={} probes={} fallback={} \
              epochs={} aborted={} drops={}",
             self.elapsed.as_secs_f64(),
             self.inner_frames,
@@ -150,6 +150,7 @@ impl fmt::Display for Report {
             e.retransmits,
             e.fast_recoveries,
             e.spurious_recoveries,
+            e.slow_start_exits,
             e.lost_retransmits,
             e.tail_probes,
             e.timeouts,

@@ -200,6 +200,41 @@ const RACK_REO_RESET: u32 = 16;
 /// At most this many log entries are looked at for the reordering timer.
 const RACK_TIMER_SCAN: usize = 64;
 
+/// HyStart++ (RFC 9406): the first slow start ends when a round's minimum
+/// RTT (of at least this many samples) exceeds the previous round's by
+/// an eighth, clamped to 4..16 ms: the bottleneck queue is filling. Without
+/// it slow start doubles until the queue overflows, losing up to a whole
+/// window (a 100 ms queue at 1 Gbit/s: ~9000 segments, and a timeout).
+const HYSTART_MIN_SAMPLES: u32 = 8;
+const HYSTART_MIN_ETA: Duration = Duration::from_millis(4);
+const HYSTART_MAX_ETA: Duration = Duration::from_millis(16);
+
+/// HyStart++ round state (not checkpointed, like RACK's).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct HyStart {
+    /// The round ends when this is acknowledged.
+    window_end: Option<u32>,
+    last_min: Option<Duration>,
+    cur_min: Option<Duration>,
+    samples: u32,
+}
+
+/// How far ahead of its pacing schedule a flow may send: bursts of up to
+/// a millisecond at the pacing rate (plus a frame), as a driver's timers
+/// are no finer (the VMM's poll timeout is in milliseconds) and a frame
+/// per timer would make the timer the limit.
+const PACING_SLACK: Duration = Duration::from_millis(1);
+
+/// Pacing state of new data toward the peer (not checkpointed: after a
+/// failover the first window goes out at once, as after idle).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Pacer {
+    /// The earliest time the next frame of new data may leave.
+    next: Option<Duration>,
+    /// Armed when new data waits for `next`.
+    deadline: Option<Duration>,
+}
+
 /// RACK (RFC 8985): loss is decided by time, not by counting segments. A
 /// segment is lost once a segment sent more than a reordering window after
 /// it was delivered, or once it has been out an RTT plus that window. So
@@ -403,6 +438,12 @@ pub(crate) struct Flow {
     /// RACK loss detection (derived from this host's sends; not serialised).
     #[serde(skip)]
     pub rack: NotState<Rack>,
+    /// Pacing of new data (not serialised).
+    #[serde(skip)]
+    pub pacer: NotState<Pacer>,
+    /// HyStart++ in the first slow start (not serialised).
+    #[serde(skip)]
+    pub hystart: NotState<HyStart>,
 }
 
 impl Flow {
@@ -486,6 +527,8 @@ impl Flow {
             touched: false,
             mark: NotState::default(),
             rack: NotState::default(),
+            pacer: NotState::default(),
+            hystart: NotState::default(),
         }
     }
 
@@ -507,6 +550,7 @@ impl Flow {
             self.linger,
             self.tlp_deadline,
             self.rack.0.deadline,
+            self.pacer.0.deadline,
             self.idle_deadline(idle),
         ]
         .into_iter()
@@ -736,6 +780,7 @@ impl Flow {
         self.tlp_deadline = None;
         self.tlp_sent = false;
         self.rack.0 = Rack::default();
+        self.pacer.0 = Pacer::default();
     }
 
     fn held(&self) -> u64 {
@@ -1447,8 +1492,17 @@ impl Flow {
             self.retx_nxt = end;
         }
         // New data.
+        self.pacer.0.deadline = None;
         loop {
             if seq::ge(self.snd_max, stream_end) {
+                break;
+            }
+            if let Some(t) = self.pacer.0.next.filter(|&t| t > now + PACING_SLACK) {
+                // Paced: more than the slack ahead of the schedule. Wait
+                // (a timer) unless there is nothing to send anyway.
+                if seq::lt(self.snd_max, self.committed_end) && self.cwnd > self.pipe(cfg) {
+                    self.pacer.0.deadline = Some(t - PACING_SLACK);
+                }
                 break;
             }
             let data_left = seq::dist(self.snd_max, self.committed_end);
@@ -1468,6 +1522,9 @@ impl Flow {
             self.emit(ctx, now, s, len, if fin { flags::FIN } else { 0 }, false);
             self.snd_max = s.wrapping_add(len).wrapping_add(u32::from(fin));
             self.rack.0.sent.push_back((self.snd_max, now));
+            if cfg.pacing {
+                self.pace(now, len);
+            }
             if self.rtt_probe.is_none() {
                 self.rtt_probe = Some((self.snd_max, now));
                 self.rtt_probe_sack_only = self.recovery.is_some();
@@ -1482,6 +1539,23 @@ impl Flow {
         } else {
             self.persist_deadline = None;
         }
+    }
+
+    /// `len` bytes of new data left at `now`: the next may leave after
+    /// `len` at the pacing rate (cwnd / SRTT, x2 in slow start, x1.2
+    /// after). No RTT sample yet: no pacing (the initial window leaves at
+    /// once, as in Linux).
+    fn pace(&mut self, now: Duration, len: u32) {
+        let Some(srtt) = self.srtt.filter(|s| !s.is_zero()) else {
+            self.pacer.0.next = None;
+            return;
+        };
+        let gain_pct: u128 = if self.cwnd < self.ssthresh / 2 { 200 } else { 120 };
+        let rate = u128::from(self.cwnd.max(1)) * gain_pct; // bytes per srtt, x100
+        let gap_ns = u128::from(len) * 100 * srtt.as_nanos() / rate;
+        let gap = Duration::from_nanos(u64::try_from(gap_ns).unwrap_or(u64::MAX).min(1 << 40));
+        let base = self.pacer.0.next.map_or(now, |t| t.max(now));
+        self.pacer.0.next = Some(base + gap);
     }
 
     fn persist_interval(&self, cfg: &Config) -> Duration {
@@ -1637,7 +1711,12 @@ impl Flow {
     /// the latest send time delivered. A retransmitted range counts with
     /// its retransmission's time, unless the ACK came sooner than the
     /// minimum RTT after it (then it was the original's: ambiguous, skipped).
-    fn rack_delivered(&mut self, now: Duration, l: u32, r: u32) {
+    fn rack_delivered(&mut self, ctx: &mut Ctx<'_>, now: Duration, l: u32, r: u32) {
+        if !seq::gt(r, self.snd_una) {
+            // At or below the cumulative ACK (a late or duplicate report):
+            // delivered long ago, its send time no longer logged.
+            return;
+        }
         let i = self.rack.0.sent.partition_point(|&(end, _)| seq::lt(end, r));
         let Some(&(_, orig)) = self.rack.0.sent.get(i) else {
             return;
@@ -1651,12 +1730,37 @@ impl Flow {
         let t = match (retx, self.min_rtt) {
             (Some(at), Some(m)) if now.saturating_sub(at) >= m => at,
             (Some(_), _) => return,
-            (None, _) => orig,
+            (None, _) => {
+                self.hystart_sample(ctx, now.saturating_sub(orig));
+                orig
+            }
         };
         let rk = &mut self.rack.0;
         if rk.xmit.is_none_or(|(xt, xe)| t > xt || (t == xt && seq::gt(r, xe))) {
             rk.xmit = Some((t, r));
             rk.rtt = now.saturating_sub(t);
+        }
+    }
+
+    /// An RTT sample (an original transmission delivered) during the first
+    /// slow start: HyStart++'s delay increase test.
+    fn hystart_sample(&mut self, ctx: &mut Ctx<'_>, rtt: Duration) {
+        if self.ssthresh != u32::MAX || self.recovery.is_some() {
+            return;
+        }
+        let h = &mut self.hystart.0;
+        h.cur_min = Some(h.cur_min.map_or(rtt, |m| m.min(rtt)));
+        h.samples += 1;
+        if h.samples < HYSTART_MIN_SAMPLES {
+            return;
+        }
+        if let (Some(cur), Some(last)) = (h.cur_min, h.last_min) {
+            let eta = (last / 8).clamp(HYSTART_MIN_ETA, HYSTART_MAX_ETA);
+            if cur >= last + eta {
+                debug!(key = ?self.key, cwnd = self.cwnd, ?cur, ?last, "HyStart++: slow start ends");
+                self.ssthresh = self.cwnd;
+                ctx.stats.slow_start_exits += 1;
+            }
         }
     }
 
@@ -1693,6 +1797,22 @@ impl Flow {
         }
         self.rack.0.lost = lost;
         self.rack.0.deadline = deadline;
+    }
+
+    /// The end of the last part of [l, r) not SACKed before: the newly
+    /// delivered data sent last (an ACK that fills a hole also covers data
+    /// SACKed long ago, whose send time would be no RTT sample). None if
+    /// all of it was SACKed already.
+    fn last_unsacked_end(&self, l: u32, mut r: u32) -> Option<u32> {
+        for &(a, b) in self.sacked.iter().rev() {
+            if seq::le(r, l) {
+                break;
+            }
+            if seq::lt(a, r) && seq::le(r, b) {
+                r = a;
+            }
+        }
+        seq::lt(l, r).then_some(r)
     }
 
     /// RACK counts the first hole above snd_una lost.
@@ -1806,8 +1926,8 @@ impl Flow {
                         self.note_hole_filled(ctx, now, fl, fr, high_before, mss);
                     }
                 }
-                if seq::lt(l, r) && self.sacked_in(l, r) < seq::dist(l, r) {
-                    self.rack_delivered(now, l, r);
+                if let Some(e) = self.last_unsacked_end(l, r) {
+                    self.rack_delivered(ctx, now, l, e);
                 }
                 if let Some((end, t)) = self.rtt_probe {
                     // The probe's own segment SACKed: an exact sample.
@@ -1826,8 +1946,18 @@ impl Flow {
         }
         if seq::gt(ack, self.snd_una) {
             let una = self.snd_una;
-            if self.sacked_in(una, ack) < seq::dist(una, ack) {
-                self.rack_delivered(now, una, ack);
+            let h = &mut self.hystart.0;
+            if h.window_end.is_none_or(|e| seq::ge(ack, e)) {
+                // A new HyStart++ round.
+                if h.samples > 0 {
+                    h.last_min = h.cur_min;
+                }
+                h.cur_min = None;
+                h.samples = 0;
+                h.window_end = Some(self.snd_max);
+            }
+            if let Some(e) = self.last_unsacked_end(una, ack) {
+                self.rack_delivered(ctx, now, una, e);
             }
             while self.rack.0.sent.front().is_some_and(|&(end, _)| seq::le(end, ack)) {
                 self.rack.0.sent.pop_front();
@@ -2145,6 +2275,8 @@ impl Flow {
         self.tlp_sent = false;
         self.retx_log.clear();
         self.rack.0 = Rack::default();
+        self.pacer.0 = Pacer::default();
+        self.hystart.0 = HyStart::default();
         self.cubic.epoch_start = None;
         self.persist_backoff = 0;
         self.retries = 0;
@@ -2207,7 +2339,12 @@ impl Flow {
             self.persist_deadline = None;
             self.tlp_deadline = None;
             self.rack.0.deadline = None;
+            self.pacer.0.deadline = None;
             return;
+        }
+        if self.pacer.0.deadline.is_some_and(|d| d <= now) {
+            self.pacer.0.deadline = None;
+            self.send_loop(ctx, now);
         }
         if self.rack.0.deadline.is_some_and(|d| d <= now) {
             // RACK's reordering timer: a suspect segment's time is up.

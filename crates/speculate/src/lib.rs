@@ -172,6 +172,12 @@ pub struct Config {
     /// completes it (a TAP with virtio-net headers): the engine never sums
     /// the bytes it sends.
     pub offload_checksums: bool,
+    /// Pace new data toward the peer at the congestion window per smoothed
+    /// RTT (twice that in slow start, 1.2 times after, as Linux's internal
+    /// pacing): an epoch's output, released at once by its commit, would
+    /// otherwise leave as one burst of up to a window and overflow a
+    /// shallow bottleneck queue.
+    pub pacing: bool,
 }
 
 impl Default for Config {
@@ -196,6 +202,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             mark_acks: true,
             offload_checksums: false,
+            pacing: true,
         }
     }
 }
@@ -331,6 +338,9 @@ pub struct Stats {
     /// reached the peer after its original: reordering, not loss) and
     /// undone: window and CUBIC state restored.
     pub spurious_recoveries: u64,
+    /// First slow starts ended by HyStart++ (the RTT rose: a queue is
+    /// filling) rather than by a loss.
+    pub slow_start_exits: u64,
     /// Retransmissions found lost during fast recovery and sent again
     /// without waiting for a timeout.
     pub lost_retransmits: u64,

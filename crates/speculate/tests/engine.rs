@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::{v4, v6, GUEST_MAC, PEER_MAC};
 use proptest::prelude::*;
 use remora_speculate::wire::{self, flags, Build, Net, Parsed, Segment};
-use remora_speculate::{Checksum, Config, Engine, EpochId, Mode, Side, Transmit};
+use remora_speculate::{Checksum, Config, Engine, EpochId, Mode, Side, Stats, Transmit};
 
 const GISN: u32 = 0xffff_f000; // wraps during the tests
 const PISN: u32 = 0x1000_0000;
@@ -483,6 +483,135 @@ fn rack_marks_a_hole_lost_by_time() {
     );
     assert_eq!(e.stats().bytes_held, 0);
     assert_eq!(e.poll_timeout(), Some(ms(45) + IDLE), "no timer left but the idle one");
+}
+
+/// A flow whose guest sends `segs` segments as fast as the engine's window
+/// lets it (epochs committed every 5 ms), and whose peer acknowledges
+/// every segment `rtt(sent at)` after it left; runs until `until` in
+/// 0.1 ms steps, timers included. Returns the stats and the largest number
+/// of segments sent within one millisecond after the first round trip.
+fn ack_clocked(c: Config, segs: usize, rtt: impl Fn(Duration) -> Duration, until: Duration) -> (Stats, usize) {
+    let ep = Ep { v6: false };
+    let mut e = open_with(ep, c);
+    let seg_len = 1388u32;
+    let base = GISN.wrapping_add(1);
+    let gend = base.wrapping_add(segs as u32 * seg_len);
+    let (mut gnext, mut gack, mut gwnd) = (base, base, 8192);
+    let mut acks: Vec<(Duration, u32)> = Vec::new();
+    let mut sent_at: Vec<Duration> = Vec::new();
+    let after = |a: u32, b: u32| (a.wrapping_sub(b) as i32) > 0;
+    let mut now = ms(10);
+    let mut acked = base;
+    let mut next_commit = ms(20);
+    while now < until {
+        now += Duration::from_micros(100);
+        let mut out = Vec::new();
+        // The guest: new data within the window the engine offers.
+        while after(gend, gnext) {
+            let room = gack.wrapping_add(gwnd).wrapping_sub(gnext) as i32;
+            let n = (room.max(0) as u32 / seg_len)
+                .min(40)
+                .min(gend.wrapping_sub(gnext) / seg_len);
+            if n == 0 {
+                break;
+            }
+            let data = vec![1u8; (n * seg_len) as usize];
+            e.handle_inner(
+                now,
+                &ep.guest(gnext, PISN + 1, flags::ACK, 502, Some((1100, 5000)), &[], &data),
+            );
+            gnext = gnext.wrapping_add(n * seg_len);
+            out.extend(drain(&mut e));
+            for t in out.iter().filter(|t| t.to == Side::Inner) {
+                let s = seg(&t.frame);
+                gack = s.ack;
+                gwnd = u32::from(s.window) << 3;
+            }
+            if after(gnext, gack) {
+                // Beyond what the engine took: the guest sends it again.
+                gnext = gack;
+                break;
+            }
+        }
+        if now >= next_commit {
+            out.extend(commit_all(&mut e, now));
+            next_commit = now + ms(5);
+        }
+        acks.sort_by_key(|a| a.0);
+        while acks.first().is_some_and(|a| a.0 <= now) {
+            let (_, a) = acks.remove(0);
+            if after(a, acked) {
+                acked = a;
+            }
+            e.handle_outer(
+                now,
+                &ep.peer(PISN + 1, acked, flags::ACK, 8192, Some((5100, 1100)), &[], &[]),
+            );
+            out.extend(drain(&mut e));
+        }
+        if e.poll_timeout().is_some_and(|d| d <= now) {
+            e.handle_timeout(now);
+            out.extend(drain(&mut e));
+        }
+        for t in &out {
+            let s = seg(&t.frame);
+            if t.to == Side::Inner {
+                gack = s.ack;
+                gwnd = u32::from(s.window) << 3;
+            } else if !s.payload.is_empty() {
+                acks.push((now + rtt(now), s.seq.wrapping_add(s.payload.len() as u32)));
+                sent_at.push(now);
+            }
+        }
+    }
+    let first = ms(20) + rtt(ms(20));
+    let burst = sent_at
+        .iter()
+        .filter(|&&t| t > first)
+        .map(|&t| sent_at.iter().filter(|&&u| u >= t && u < t + ms(1)).count())
+        .max()
+        .unwrap_or(0);
+    (e.stats(), burst)
+}
+
+/// Pacing: after the first RTT sample new data leaves at about cwnd per
+/// SRTT (x2 in slow start) in bursts of at most ~1 ms of it, not a window
+/// at a time; without pacing the same flow sends its window at once.
+#[test]
+fn pacing_spreads_a_window_over_the_round_trip() {
+    let flat = |_| ms(10);
+    let mut c = cfg(Mode::Speculative, 4 << 20);
+    let (paced, paced_burst) = ack_clocked(c.clone(), 600, flat, ms(300));
+    c.pacing = false;
+    let (unpaced, unpaced_burst) = ack_clocked(c, 600, flat, ms(300));
+    eprintln!("segments in 1 ms: paced {paced_burst}, unpaced {unpaced_burst}");
+    assert!(
+        unpaced_burst >= 40,
+        "without pacing a window leaves at once: {unpaced_burst}"
+    );
+    assert!(
+        paced_burst * 3 <= unpaced_burst,
+        "paced bursts {paced_burst} vs unpaced {unpaced_burst}"
+    );
+    // Pacing costs no throughput: the same data got through.
+    assert_eq!(paced.bytes_held, 0, "{paced:?}");
+    assert_eq!(unpaced.bytes_held, 0, "{unpaced:?}");
+    assert_eq!(paced.retransmits, 0);
+}
+
+/// HyStart++: the first slow start ends when the round trip grows by more
+/// than max(4 ms, RTT/8) between rounds (a queue building), not only at a
+/// loss; a steady RTT, even a long one, keeps slow start going.
+#[test]
+fn hystart_ends_slow_start_when_the_rtt_rises() {
+    let c = cfg(Mode::Speculative, 4 << 20);
+    let steady = ack_clocked(c.clone(), 600, |_| ms(10), ms(150)).0;
+    assert_eq!(steady.slow_start_exits, 0, "{steady:?}");
+    // A queue: every segment sent after the first round waits 10 ms more.
+    let queued = ack_clocked(c, 600, |t| if t < ms(30) { ms(10) } else { ms(20) }, ms(150)).0;
+    assert_eq!(queued.slow_start_exits, 1, "{queued:?}");
+    assert_eq!(queued.fast_recoveries, 0);
+    assert_eq!(queued.timeouts, 0);
 }
 
 #[test]

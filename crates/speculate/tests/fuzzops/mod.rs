@@ -110,6 +110,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
             // their meaning).
             mark_acks: sel & 0x10 != 0,
             offload_checksums: sel & 0x20 != 0,
+            pacing: sel & 0x01 != 0,
         };
     }
     let mode = match sel >> 6 {
@@ -141,6 +142,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
         idle_timeout: inp.pick(&[Duration::from_secs(300), Duration::ZERO, ms(50), ms(1)]),
         mark_acks: sel & 0x10 != 0,
         offload_checksums: sel & 0x20 != 0,
+        pacing: sel & 0x01 != 0,
     }
 }
 
