@@ -199,8 +199,10 @@ impl Relay {
             global_cap: cfg.global_cap,
             mtu: cfg.mtu,
             tso_max: TSO_MAX,
-            // The outer TAP completes checksums (NEEDS_CSUM).
+            // The outer TAP completes checksums (NEEDS_CSUM), and segments
+            // of held bytes are written straight out of them (writev).
             offload_checksums: true,
+            gather_payload: true,
             ..Config::default()
         })
         .map_err(|e| RelayError::Config(e.to_string()))?;
@@ -384,7 +386,7 @@ impl Relay {
                 };
                 let (hdr, frame) = self.buf[..n].split_at(HDR_LEN);
                 let (tap, rep) = (self.fd(to), &mut self.report);
-                count_write(rep, to, frame.len(), write_frame(tap, hdr, frame));
+                count_write(rep, to, frame.len(), write_frame(tap, &[hdr, frame, &[], &[]]));
                 continue;
             }
             let Some(hdr) = VnetHdr::parse(&self.buf[..n]) else {
@@ -419,16 +421,37 @@ impl Relay {
     }
 
     /// Writes the engine's output.
+    /// A segment built from held bytes (`Transmit::held`) is written as
+    /// vnet header, headers and the held bytes themselves in one writev:
+    /// its payload is never copied in user space.
     fn flush(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
             let mut frame = t.frame;
-            let Some(hdr) = vnet::header_for_output(&mut frame, self.cfg.mtu, t.gso_size, t.partial_csum) else {
+            let (p1, p2) = match &t.held {
+                None => (&[][..], &[][..]),
+                Some(r) => match self.engine.held_payload(r) {
+                    Some(p) => p,
+                    None => {
+                        // Acknowledged meanwhile (a retransmission the
+                        // original's ACK overtook): nothing to send.
+                        self.engine.recycle(frame);
+                        continue;
+                    }
+                },
+            };
+            let gathered = p1.len() + p2.len();
+            let Some(hdr) = vnet::header_for_output(&mut frame, gathered, self.cfg.mtu, t.gso_size, t.partial_csum)
+            else {
                 debug!(len = frame.len(), "frame longer than the MTU and not TCP: dropped");
                 self.report.drops += 1;
                 continue;
             };
-            let res = write_frame(self.fd(t.to), &hdr.to_bytes(), &frame);
-            count_write(&mut self.report, t.to, frame.len(), res);
+            let fd = match t.to {
+                Side::Inner => self.inner.fd(),
+                Side::Outer => self.outer.fd(),
+            };
+            let res = write_frame(fd, &[&hdr.to_bytes(), &frame, p1, p2]);
+            count_write(&mut self.report, t.to, frame.len() + gathered, res);
             self.engine.recycle(frame);
         }
     }
@@ -450,22 +473,17 @@ fn count_write(rep: &mut Report, to: Side, len: usize, res: io::Result<()>) {
     }
 }
 
-/// Writes a virtio-net header and a frame to a TAP in one system call.
-fn write_frame(fd: RawFd, hdr: &[u8], frame: &[u8]) -> io::Result<()> {
-    let iov = [
-        libc::iovec {
-            iov_base: hdr.as_ptr() as *mut libc::c_void,
-            iov_len: hdr.len(),
-        },
-        libc::iovec {
-            iov_base: frame.as_ptr() as *mut libc::c_void,
-            iov_len: frame.len(),
-        },
-    ];
+/// Writes a virtio-net header and a frame (its parts in order: headers,
+/// then a payload in up to two pieces) to a TAP in one system call.
+fn write_frame(fd: RawFd, parts: &[&[u8]; 4]) -> io::Result<()> {
+    let iov = parts.map(|p| libc::iovec {
+        iov_base: p.as_ptr() as *mut libc::c_void,
+        iov_len: p.len(),
+    });
     loop {
-        // SAFETY: both iovecs point into slices that live for the call; the
-        // kernel only reads them.
-        let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+        // SAFETY: every iovec points into a slice that lives for the call
+        // (empty ones have length 0); the kernel only reads them.
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
         if n >= 0 {
             return Ok(());
         }

@@ -11,7 +11,7 @@ use crate::checkpoint::{EngineMark, FlowTable, NotState};
 use crate::flow::{AckInfo, Ctx, Flow, FlowKey, Phase};
 use crate::seq;
 use crate::wire::{self, flags, Parsed, Segment};
-use crate::{Checksum, Config, ConfigError, EpochId, Mode, Side, Stats, Transmit};
+use crate::{Checksum, Config, ConfigError, EpochId, HeldRef, Mode, Side, Stats, Transmit};
 
 /// An entry of an epoch's output queue. `R` holds a raw frame: its bytes in
 /// the engine, where they are in the data section in a checkpoint delta.
@@ -325,6 +325,7 @@ impl Engine {
             frame,
             gso_size: None,
             partial_csum: false,
+            held: None,
         });
     }
 
@@ -370,6 +371,7 @@ impl Engine {
                     frame,
                     gso_size: None,
                     partial_csum: false,
+                    held: None,
                 });
                 return;
             }
@@ -599,6 +601,7 @@ impl Engine {
                     frame: f,
                     gso_size: None,
                     partial_csum: false,
+                    held: None,
                 });
             }
         }
@@ -649,6 +652,7 @@ impl Engine {
                     frame: frame.to_vec(),
                     gso_size: None,
                     partial_csum: false,
+                    held: None,
                 });
             }
             drop(flow);
@@ -679,6 +683,7 @@ impl Engine {
                 frame: f,
                 gso_size: None,
                 partial_csum: false,
+                held: None,
             });
         } else if guest_needs_ack {
             // E.g. the peer's ACK completing a passive open: the guest gets
@@ -752,6 +757,7 @@ impl Engine {
                             frame: f,
                             gso_size: None,
                             partial_csum: false,
+                            held: None,
                         });
                     }
                     Item::Spec {
@@ -827,6 +833,19 @@ impl Engine {
     /// The next frame to deliver.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.out.pop_front()
+    }
+
+    /// The payload of a [`Transmit`] built with [`Config::gather_payload`]:
+    /// at most two slices of the flow's held bytes (a ring), to be written
+    /// after `Transmit::frame`. `None`: the flow is gone or the peer has
+    /// acknowledged the range meanwhile (a retransmission overtaken by the
+    /// original's ACK): the frame is not needed and must not be sent.
+    pub fn held_payload(&self, r: &HeldRef) -> Option<(&[u8], &[u8])> {
+        let flow = self.flows.get(&r.key)?;
+        if flow.id != r.id {
+            return None;
+        }
+        flow.held_slices(r.seq, r.len)
     }
 
     /// Number of frames waiting in [`Engine::poll_transmit`].

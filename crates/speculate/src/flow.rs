@@ -984,6 +984,7 @@ impl Flow {
             if ctx.cfg.mark_acks { &wire::RACC_MARK } else { &[] },
             &[],
             &[],
+            None,
             false,
         );
         self.guest_seen_ack = Some(ack);
@@ -993,6 +994,7 @@ impl Flow {
             frame,
             gso_size: None,
             partial_csum: false,
+            held: None,
         });
     }
 
@@ -1245,6 +1247,7 @@ impl Flow {
             frame,
             gso_size: None,
             partial_csum: false,
+            held: None,
         });
         self.close(ctx, now);
     }
@@ -1294,16 +1297,11 @@ impl Flow {
         };
         let off = seq::dist(self.snd_una, seqno) as usize;
         let n = (len as usize).min(self.buf.len().saturating_sub(off));
-        let (s1, s2) = self.buf.as_slices();
-        let (p1, p2): (&[u8], &[u8]) = if n == 0 {
-            (&[], &[])
-        } else if off + n <= s1.len() {
-            (&s1[off..off + n], &s2[..0])
-        } else if off >= s1.len() {
-            let o2 = off - s1.len();
-            (&s1[..0], &s2[o2..o2 + n])
+        let gather = n > 0 && ctx.cfg.gather_payload && ctx.cfg.offload_checksums;
+        let (p1, p2) = if n == 0 || gather {
+            (&[][..], &[][..])
         } else {
-            (&s1[off..], &s2[..n - (s1.len() - off)])
+            self.held_range(off, n)
         };
         let mut fl = fl;
         if !probe_seq && fl & flags::RST == 0 {
@@ -1357,7 +1355,7 @@ impl Flow {
             timestamps: ts,
             sack,
         }
-        .write_frame(&mut frame, &[], p1, p2, ctx.cfg.offload_checksums);
+        .write_frame(&mut frame, &[], p1, p2, gather.then_some(n), ctx.cfg.offload_checksums);
         self.ip_id = self.ip_id.wrapping_add(1);
         self.last_sent_ack = Some((a.ack, a.window));
         ctx.stats.segments_sent += 1;
@@ -1367,7 +1365,38 @@ impl Flow {
             frame,
             gso_size: (n as u32 > mss).then(|| mss.min(u32::from(u16::MAX)) as u16),
             partial_csum: ctx.cfg.offload_checksums,
+            held: gather.then_some(crate::HeldRef {
+                key: self.key,
+                id: self.id,
+                seq: seqno,
+                len: n as u32,
+            }),
         });
+    }
+
+    /// Held bytes [off, off + n) from snd_una, as (at most) two slices of
+    /// the ring; `off + n` must be within the held bytes.
+    fn held_range(&self, off: usize, n: usize) -> (&[u8], &[u8]) {
+        let (s1, s2) = self.buf.as_slices();
+        if off + n <= s1.len() {
+            (&s1[off..off + n], &s2[..0])
+        } else if off >= s1.len() {
+            let o2 = off - s1.len();
+            (&s1[..0], &s2[o2..o2 + n])
+        } else {
+            (&s1[off..], &s2[..n - (s1.len() - off)])
+        }
+    }
+
+    /// Held bytes [seqno, seqno + len), if all still held (not yet
+    /// acknowledged by the peer).
+    pub(crate) fn held_slices(&self, seqno: u32, len: u32) -> Option<(&[u8], &[u8])> {
+        if seq::lt(seqno, self.snd_una) {
+            return None;
+        }
+        let off = seq::dist(self.snd_una, seqno) as usize;
+        let n = len as usize;
+        (off.checked_add(n)? <= self.buf.len()).then(|| self.held_range(off, n))
     }
 
     pub(crate) fn resend_ack(&mut self, ctx: &mut Ctx<'_>, now: Duration) {

@@ -84,6 +84,21 @@ pub struct Transmit {
     /// its device with virtio-net's `NEEDS_CSUM` (checksum start at the TCP
     /// header, offset 16).
     pub partial_csum: bool,
+    /// With [`Config::gather_payload`]: `frame` holds the headers only and
+    /// the payload is this range of the flow's held bytes, to be written
+    /// straight out of them ([`Engine::held_payload`]) in one gather write.
+    pub held: Option<HeldRef>,
+}
+
+/// A range of a flow's held bytes, the payload of a [`Transmit`] whose
+/// frame holds only the headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldRef {
+    pub(crate) key: FlowKey,
+    pub(crate) id: u64,
+    pub(crate) seq: u32,
+    /// Payload bytes.
+    pub len: u32,
 }
 
 /// The state of a received frame's checksums, as a virtio-net header
@@ -178,6 +193,14 @@ pub struct Config {
     /// otherwise leave as one burst of up to a window and overflow a
     /// shallow bottleneck queue.
     pub pacing: bool,
+    /// With [`Config::offload_checksums`]: segments the engine builds from
+    /// held bytes leave as headers plus a [`HeldRef`] ([`Transmit::held`])
+    /// instead of a copy of the payload, for a driver that writes them
+    /// with one gather write (writev) out of [`Engine::held_payload`]: a
+    /// byte is then copied once into the held bytes and once out of them
+    /// (by the kernel). Ignored without checksum offload (the engine would
+    /// have to read the payload to sum it).
+    pub gather_payload: bool,
 }
 
 impl Default for Config {
@@ -203,6 +226,7 @@ impl Default for Config {
             mark_acks: true,
             offload_checksums: false,
             pacing: true,
+            gather_payload: false,
         }
     }
 }

@@ -377,13 +377,19 @@ pub fn fix_checksums(frame: &mut [u8], net: &Net, tcp_offset: usize) {
 /// pseudo-header sum only (not complemented), as Linux leaves a
 /// `CHECKSUM_PARTIAL` segment: the device completes it over the segment.
 pub fn partial_checksums(frame: &mut [u8], net: &Net, tcp_offset: usize) {
+    let len = frame.len().saturating_sub(tcp_offset);
+    partial_checksums_len(frame, net, tcp_offset, len);
+}
+
+/// As [`partial_checksums`] for a TCP segment of `len` bytes of which the
+/// frame holds only the headers (the payload is written after it).
+fn partial_checksums_len(frame: &mut [u8], net: &Net, tcp_offset: usize, len: usize) {
     if frame.len() < tcp_offset + 20 {
         return;
     }
     if let Net::V4 { .. } = net {
         ipv4_header_checksum(frame);
     }
-    let len = frame.len() - tcp_offset;
     let folded = !pseudo_sum(net, len).ones_complement().to_be();
     frame[tcp_offset + 16..tcp_offset + 18].copy_from_slice(&folded.to_be_bytes());
 }
@@ -445,7 +451,7 @@ impl Build<'_> {
     /// two halves of a ring buffer). Checksums are computed.
     pub fn to_frame(&self, p1: &[u8], p2: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
-        self.write_frame(&mut f, &[], p1, p2, false);
+        self.write_frame(&mut f, &[], p1, p2, None, false);
         f
     }
 
@@ -456,7 +462,22 @@ impl Build<'_> {
     /// exceed 40 bytes). With `partial` the TCP checksum field holds only
     /// the pseudo-header sum (virtio's `NEEDS_CSUM`: the device or the
     /// kernel completes it), so the payload is never summed here.
-    pub fn write_frame(&self, f: &mut Vec<u8>, extra: &[u8], p1: &[u8], p2: &[u8], partial: bool) {
+    /// `gathered`: the frame gets only the headers, sized (lengths and the
+    /// partial checksum, which must be asked for) for a payload of that
+    /// many bytes that the driver writes after it; `p1`/`p2` are ignored.
+    pub fn write_frame(
+        &self,
+        f: &mut Vec<u8>,
+        extra: &[u8],
+        p1: &[u8],
+        p2: &[u8],
+        gathered: Option<usize>,
+        partial: bool,
+    ) {
+        let (p1, p2, plen) = match gathered {
+            Some(n) => (&[][..], &[][..], n),
+            None => (p1, p2, p1.len() + p2.len()),
+        };
         let extra = if extra.len().is_multiple_of(4) && self.options_len() + extra.len() <= 40 {
             extra
         } else {
@@ -464,9 +485,9 @@ impl Build<'_> {
         };
         let olen = self.options_len() + extra.len();
         let iplen = self.net.header_len();
-        let tcp_len = 20 + olen + p1.len() + p2.len();
+        let tcp_len = 20 + olen + plen;
         f.clear();
-        f.reserve(ETH_LEN + iplen + tcp_len);
+        f.reserve(ETH_LEN + iplen + tcp_len - plen + p1.len() + p2.len());
         f.extend_from_slice(&self.eth_dst);
         f.extend_from_slice(&self.eth_src);
         match self.net {
@@ -537,8 +558,8 @@ impl Build<'_> {
         debug_assert_eq!(f.len(), tcp_offset + 20 + olen);
         f.extend_from_slice(p1);
         f.extend_from_slice(p2);
-        if partial {
-            partial_checksums(f, &self.net, tcp_offset);
+        if gathered.is_some() || partial {
+            partial_checksums_len(f, &self.net, tcp_offset, tcp_len);
         } else {
             fix_checksums(f, &self.net, tcp_offset);
         }
@@ -673,7 +694,14 @@ mod tests {
                 };
                 let full = b.to_frame(payload, b"z");
                 let mut part = Vec::new();
-                b.write_frame(&mut part, &[], payload, b"z", true);
+                b.write_frame(&mut part, &[], payload, b"z", None, true);
+                // Headers only, for a gather write of the same payload:
+                // the same bytes once the payload follows.
+                let mut gathered = Vec::new();
+                b.write_frame(&mut gathered, &[], &[], &[], Some(payload.len() + 1), false);
+                gathered.extend_from_slice(payload);
+                gathered.extend_from_slice(b"z");
+                assert_eq!(gathered, part, "gathered {net:?} payload {}", payload.len());
                 let Parsed::Tcp(s) = parse(&full) else { panic!() };
                 let off = s.tcp_offset;
                 assert_eq!(full[..off + 16], part[..off + 16], "headers before the checksum differ");

@@ -111,6 +111,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
             mark_acks: sel & 0x10 != 0,
             offload_checksums: sel & 0x20 != 0,
             pacing: sel & 0x01 != 0,
+            gather_payload: sel & 0x02 != 0,
         };
     }
     let mode = match sel >> 6 {
@@ -143,6 +144,7 @@ pub fn decode_config(inp: &mut Input<'_>) -> Config {
         mark_acks: sel & 0x10 != 0,
         offload_checksums: sel & 0x20 != 0,
         pacing: sel & 0x01 != 0,
+        gather_payload: sel & 0x02 != 0,
     }
 }
 
@@ -277,7 +279,17 @@ impl Harness {
 
     /// Delivers the engine's output to the models.
     fn drain(&mut self) {
-        while let Some(t) = self.engine.poll_transmit() {
+        while let Some(mut t) = self.engine.poll_transmit() {
+            if let Some(r) = t.held {
+                // A gathered segment: headers here, payload still held (or
+                // acknowledged meanwhile: then it is not sent at all).
+                let Some((a, b)) = self.engine.held_payload(&r) else {
+                    continue;
+                };
+                assert_eq!(a.len() + b.len(), r.len as usize, "held payload of the wrong length");
+                t.frame.extend_from_slice(a);
+                t.frame.extend_from_slice(b);
+            }
             let Parsed::Tcp(s) = wire::parse(&t.frame) else {
                 continue;
             };

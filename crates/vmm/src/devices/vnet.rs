@@ -158,8 +158,17 @@ fn tcp_layout(frame: &[u8]) -> Option<(u16, usize, usize)> {
 /// `partial`: the TCP checksum field already holds only the pseudo-header
 /// sum (the engine's `Transmit::partial_csum`): the header asks the kernel
 /// to complete it (`NEEDS_CSUM`) for frames within the MTU too.
-pub fn header_for_output(frame: &mut [u8], mtu: usize, gso_size: Option<u16>, partial: bool) -> Option<VnetHdr> {
-    if frame.len() <= ETH_LEN + mtu {
+/// `gathered`: payload bytes written after `frame` (which then holds the
+/// headers only; the engine's `Transmit::held`).
+pub fn header_for_output(
+    frame: &mut [u8],
+    gathered: usize,
+    mtu: usize,
+    gso_size: Option<u16>,
+    partial: bool,
+) -> Option<VnetHdr> {
+    let total = frame.len() + gathered;
+    if total <= ETH_LEN + mtu {
         if partial {
             if let Some((_, l3, _)) = tcp_layout(frame) {
                 return Some(VnetHdr {
@@ -174,7 +183,7 @@ pub fn header_for_output(frame: &mut [u8], mtu: usize, gso_size: Option<u16>, pa
     }
     let (ethertype, l3, doff) = tcp_layout(frame)?;
     let tcp_start = ETH_LEN + l3;
-    let tcp_len = frame.len() - tcp_start;
+    let tcp_len = total - tcp_start;
     let by_mtu = mtu.checked_sub(l3 + doff).filter(|m| *m > 0)?;
     let mss = gso_size.map_or(by_mtu, |g| usize::from(g).clamp(1, by_mtu));
     let pseudo = match ethertype {
@@ -257,7 +266,7 @@ mod tests {
             // What the kernel hands over: the pseudo-header sum in the field.
             let mut f = good.clone();
             let mut gso = f.clone();
-            let hdr = header_for_output(&mut gso, usize::MAX / 2, None, false).unwrap();
+            let hdr = header_for_output(&mut gso, 0, usize::MAX / 2, None, false).unwrap();
             assert_eq!(hdr, VnetHdr::default(), "fits: plain");
             let t = ETH_LEN + 20;
             let pseudo = fold(sum(&f[ETH_LEN + 12..ETH_LEN + 20]) + 6 + (f.len() - t) as u64);
@@ -332,7 +341,7 @@ mod tests {
     #[test]
     fn large_tcp_frame_becomes_gso_with_pseudo_sum() {
         let mut f = tcp4(10_000);
-        let hdr = header_for_output(&mut f, 1500, None, false).unwrap();
+        let hdr = header_for_output(&mut f, 0, 1500, None, false).unwrap();
         assert_eq!(hdr.gso_type, GSO_TCPV4);
         assert_eq!(hdr.flags, F_NEEDS_CSUM);
         assert_eq!(hdr.gso_size, 1500 - 20 - 32);
@@ -354,7 +363,7 @@ mod tests {
         let pseudo = sum(&f[ETH_LEN + 12..ETH_LEN + 20]) + u64::from(PROTO_TCP) + (f.len() - tcp_start) as u64;
         f[tcp_start + 16..tcp_start + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
         assert!(!tcp_ok(&f));
-        let hdr = header_for_output(&mut f, 1500, None, true).unwrap();
+        let hdr = header_for_output(&mut f, 0, 1500, None, true).unwrap();
         assert_eq!(hdr.flags, F_NEEDS_CSUM);
         assert_eq!(hdr.gso_type, GSO_NONE);
         assert_eq!((hdr.csum_start, hdr.csum_offset), (tcp_start as u16, 16));
@@ -362,27 +371,30 @@ mod tests {
         assert_eq!(f, full);
         // Without `partial` nothing is asked.
         let mut g = full.clone();
-        assert_eq!(header_for_output(&mut g, 1500, None, false), Some(VnetHdr::default()));
+        assert_eq!(
+            header_for_output(&mut g, 0, 1500, None, false),
+            Some(VnetHdr::default())
+        );
     }
 
     #[test]
     fn large_non_tcp_frame_is_refused() {
         let mut f = tcp4(10_000);
         f[ETH_LEN + 9] = 17;
-        assert_eq!(header_for_output(&mut f, 1500, None, false), None);
+        assert_eq!(header_for_output(&mut f, 0, 1500, None, false), None);
         let mut short = vec![0u8; 20];
         assert_eq!(
-            header_for_output(&mut short, 1500, None, false),
+            header_for_output(&mut short, 0, 1500, None, false),
             Some(VnetHdr::default())
         );
         let mut f = tcp4(10_000);
         assert_eq!(
-            header_for_output(&mut f, 1500, Some(1000), false).map(|h| h.gso_size),
+            header_for_output(&mut f, 0, 1500, Some(1000), false).map(|h| h.gso_size),
             Some(1000)
         );
         let mut f = tcp4(10_000);
         assert_eq!(
-            header_for_output(&mut f, 1500, Some(9000), false).map(|h| h.gso_size),
+            header_for_output(&mut f, 0, 1500, Some(9000), false).map(|h| h.gso_size),
             Some(1448)
         );
     }

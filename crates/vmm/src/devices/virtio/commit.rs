@@ -378,7 +378,7 @@ impl EnginePort {
         self.flush_tap(tap);
         while let Some(t) = self.engine.poll_transmit() {
             let mut frame = t.frame;
-            let Some(hdr) = vnet::header_for_output(&mut frame, self.mtu, t.gso_size, t.partial_csum) else {
+            let Some(hdr) = vnet::header_for_output(&mut frame, 0, self.mtu, t.gso_size, t.partial_csum) else {
                 tracing::debug!(len = frame.len(), "frame longer than the MTU and not TCP: dropped");
                 continue;
             };
