@@ -89,6 +89,8 @@ pub struct Engine {
     /// Frame buffers given back by the driver ([`Engine::recycle`]),
     /// reused for the frames the engine builds or copies (not state).
     pub(crate) pool: NotState<Vec<Vec<u8>>>,
+    /// Bytes of guest segments all flows keep ahead of a hole (not state).
+    pub(crate) guest_stash: NotState<u64>,
 }
 
 /// Frame buffers kept for reuse at most (about 6 MiB of 1.5 KiB frames,
@@ -124,6 +126,7 @@ impl Engine {
             stats: Stats::default(),
             ckpt: NotState::default(),
             pool: NotState::default(),
+            guest_stash: NotState::default(),
         }
     }
 
@@ -203,6 +206,7 @@ impl Engine {
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut reserved = 0u64;
         let mut held = 0u64;
+        let mut stash = 0u64;
         let mut spec = 0usize;
         let mut earliest: Option<Duration> = None;
         for f in self.flows.values() {
@@ -219,7 +223,11 @@ impl Engine {
             }
             reserved += f.reserved;
             held += f.buf.len() as u64;
+            stash += f.guest_stash_bytes();
             spec += usize::from(f.phase == Phase::Established);
+        }
+        if stash != self.guest_stash.0 {
+            return Err(format!("guest stash {} != sum {stash}", self.guest_stash.0));
         }
         if earliest != self.poll_timeout() {
             return Err(format!(
@@ -271,6 +279,7 @@ impl Engine {
                 global_blocked: &mut self.global_blocked,
                 spec_flows: &mut self.spec_flows,
                 pool: &mut self.pool.0,
+                global_stash: &mut self.guest_stash.0,
             },
             &mut self.flows,
         )

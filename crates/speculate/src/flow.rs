@@ -219,6 +219,18 @@ pub(crate) struct HyStart {
     samples: u32,
 }
 
+/// The most bytes of guest segments ahead of a hole a flow keeps.
+const GUEST_STASH_BYTES: usize = 1 << 20;
+/// ... and all flows together (at most a sixteenth of the global cap).
+const GUEST_STASH_GLOBAL: u64 = 64 << 20;
+
+/// Guest segments received ahead of the stream's end.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct GuestStash {
+    segs: Vec<(u32, Vec<u8>, bool)>,
+    bytes: usize,
+}
+
 /// How far ahead of its pacing schedule a flow may send: bursts of up to
 /// a millisecond at the pacing rate (plus a frame), as a driver's timers
 /// are no finer (the VMM's poll timeout is in milliseconds) and a frame
@@ -303,6 +315,8 @@ pub(crate) struct Ctx<'a> {
     pub spec_flows: &'a mut usize,
     /// Frame buffers for reuse ([`crate::Engine::recycle`]).
     pub pool: &'a mut Vec<Vec<u8>>,
+    /// Bytes of guest segments kept ahead of holes, all flows.
+    pub global_stash: &'a mut u64,
 }
 
 /// A tracked flow. Everything but `buf` and `mark` is its metadata, sent
@@ -444,6 +458,10 @@ pub(crate) struct Flow {
     /// HyStart++ in the first slow start (not serialised).
     #[serde(skip)]
     pub hystart: NotState<HyStart>,
+    /// Guest segments that arrived ahead of `data_end` (not acknowledged,
+    /// so not state: a replica without them gets them again).
+    #[serde(skip)]
+    pub guest_stash: NotState<GuestStash>,
 }
 
 impl Flow {
@@ -529,6 +547,7 @@ impl Flow {
             rack: NotState::default(),
             pacer: NotState::default(),
             hystart: NotState::default(),
+            guest_stash: NotState::default(),
         }
     }
 
@@ -781,6 +800,7 @@ impl Flow {
         self.tlp_sent = false;
         self.rack.0 = Rack::default();
         self.pacer.0 = Pacer::default();
+        self.clear_guest_stash(ctx);
     }
 
     fn held(&self) -> u64 {
@@ -1102,20 +1122,12 @@ impl Flow {
             return (ackinfo, true);
         }
         if !self.fin {
-            let start = seg.seq;
-            let plen = seg.payload.len() as u32;
-            let end = start.wrapping_add(plen);
-            if seq::le(start, self.data_end) && seq::ge(end, self.data_end) {
-                let skip = seq::dist(start, self.data_end) as usize;
-                let room = seq::dist(self.data_end, self.adv_edge) as usize;
-                let take = (seg.payload.len() - skip).min(room);
-                self.buf.extend(&seg.payload[skip..skip + take]);
-                self.mark.0.pushed += take as u64;
-                *ctx.global_held += take as u64;
-                self.data_end = self.data_end.wrapping_add(take as u32);
-                if seg.has(flags::FIN) && skip + take == seg.payload.len() {
-                    self.fin = true;
-                }
+            let fin = seg.has(flags::FIN);
+            if seq::gt(seg.seq, self.data_end) {
+                self.stash_guest(ctx, seg.seq, seg.payload, fin);
+            } else {
+                self.accept_guest(ctx, seg.seq, seg.payload, fin);
+                self.drain_guest_stash(ctx);
             }
         }
         // The guest filled the window it was offered: let it grow.
@@ -1134,6 +1146,83 @@ impl Flow {
             self.send_spec_ack(ctx);
         }
         (ackinfo, false)
+    }
+
+    /// Takes the guest's bytes [start, start + len) from `data_end` on,
+    /// within the offered window.
+    fn accept_guest(&mut self, ctx: &mut Ctx<'_>, start: u32, payload: &[u8], fin: bool) {
+        let end = start.wrapping_add(payload.len() as u32);
+        if !(seq::le(start, self.data_end) && seq::ge(end, self.data_end)) {
+            return;
+        }
+        let skip = seq::dist(start, self.data_end) as usize;
+        let room = seq::dist(self.data_end, self.adv_edge) as usize;
+        let take = (payload.len() - skip).min(room);
+        self.buf.extend(&payload[skip..skip + take]);
+        self.mark.0.pushed += take as u64;
+        *ctx.global_held += take as u64;
+        self.data_end = self.data_end.wrapping_add(take as u32);
+        if fin && skip + take == payload.len() {
+            self.fin = true;
+        }
+    }
+
+    /// A guest segment beyond `data_end` (its predecessor not yet seen:
+    /// the path from the guest reordered them, e.g. two CPUs' backlogs in
+    /// a host bridge): kept for a moment instead of dropped, which left
+    /// the guest to find the "loss" by its RTO (a 200 ms stall per
+    /// reordering for a SACK sender that gets no SACK for it).
+    fn stash_guest(&mut self, ctx: &mut Ctx<'_>, start: u32, payload: &[u8], fin: bool) {
+        let end = start.wrapping_add(payload.len() as u32);
+        let global_max = (ctx.cfg.global_cap as u64 / 16).min(GUEST_STASH_GLOBAL);
+        let st = &mut self.guest_stash.0;
+        if payload.is_empty()
+            || seq::gt(end, self.adv_edge)
+            || st.bytes + payload.len() > GUEST_STASH_BYTES
+            || *ctx.global_stash + payload.len() as u64 > global_max
+            || st.segs.iter().any(|s| s.0 == start)
+        {
+            return;
+        }
+        st.bytes += payload.len();
+        *ctx.global_stash += payload.len() as u64;
+        st.segs.push((start, payload.to_vec(), fin));
+    }
+
+    /// Bytes of guest segments kept ahead of a hole.
+    pub(crate) fn guest_stash_bytes(&self) -> u64 {
+        let st = &self.guest_stash.0;
+        debug_assert_eq!(st.bytes, st.segs.iter().map(|s| s.1.len()).sum::<usize>());
+        st.bytes as u64
+    }
+
+    /// Forgets the stashed guest segments (the flow ends).
+    fn clear_guest_stash(&mut self, ctx: &mut Ctx<'_>) {
+        let st = std::mem::take(&mut self.guest_stash.0);
+        *ctx.global_stash = ctx.global_stash.saturating_sub(st.bytes as u64);
+    }
+
+    /// Accepts stashed segments that now continue the stream.
+    fn drain_guest_stash(&mut self, ctx: &mut Ctx<'_>) {
+        while !self.fin {
+            let de = self.data_end;
+            let st = &mut self.guest_stash.0;
+            // Wholly below data_end: already have them.
+            st.segs.retain(|(s, p, _)| seq::gt(s.wrapping_add(p.len() as u32), de));
+            let kept: usize = st.segs.iter().map(|s| s.1.len()).sum();
+            *ctx.global_stash = ctx.global_stash.saturating_sub((st.bytes - kept) as u64);
+            st.bytes = kept;
+            let Some(i) = st.segs.iter().position(|(s, _, _)| seq::le(*s, de)) else {
+                return;
+            };
+            let (start, payload, fin) = st.segs.swap_remove(i);
+            st.bytes -= payload.len();
+            *ctx.global_stash = ctx.global_stash.saturating_sub(payload.len() as u64);
+            self.accept_guest(ctx, start, &payload, fin);
+            if self.data_end == de {
+                return;
+            }
+        }
     }
 
     // ---------------------------------------------------------------
