@@ -407,8 +407,7 @@ impl Relay {
             // Out at once, not after the batch: a speculative ACK written
             // only after up to 64 more frames (4 MiB of TSO frames) were
             // read gives the guest an ACK delay of milliseconds that varies
-            // with the batch, and a sender that sizes its window from its
-            // minimum RTT (BBR) then stalls.
+            // with the batch.
             if self.engine.pending_transmits() > 0 {
                 self.flush();
             }
@@ -454,11 +453,7 @@ impl Relay {
                 self.report.drops += 1;
                 continue;
             };
-            let fd = match t.to {
-                Side::Inner => self.inner.fd(),
-                Side::Outer => self.outer.fd(),
-            };
-            let res = write_frame(fd, &[&hdr.to_bytes(), &frame, p1, p2]);
+            let res = write_frame(self.fd(t.to), &[&hdr.to_bytes(), &frame, p1, p2]);
             count_write(&mut self.report, t.to, frame.len() + gathered, res);
             self.engine.recycle(frame);
         }

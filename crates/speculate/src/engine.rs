@@ -356,10 +356,11 @@ impl Engine {
         match csum {
             Checksum::Complete => self.handle_outer(now, frame),
             Checksum::Verified => self.handle_outer_inner(now, frame, false),
-            Checksum::Partial => match complete_checksum(frame) {
-                Some(f) => self.handle_outer_inner(now, &f, false),
-                None => self.handle_outer_inner(now, frame, false),
-            },
+            Checksum::Partial => {
+                let f = self.copy_complete(frame, true);
+                self.handle_outer_inner(now, &f, false);
+                self.recycle(f);
+            }
         }
     }
 
@@ -928,15 +929,4 @@ pub(crate) fn copy_pooled(pool: &mut Vec<Vec<u8>>, frame: &[u8]) -> Vec<u8> {
     v.clear();
     v.extend_from_slice(frame);
     v
-}
-
-/// A copy of a TCP frame with its checksums completed; `None` if the frame
-/// is not TCP (it is then passed on unchanged).
-fn complete_checksum(frame: &[u8]) -> Option<Vec<u8>> {
-    let Parsed::Tcp(seg) = wire::parse(frame) else {
-        return None;
-    };
-    let mut f = frame[..seg.frame_len()].to_vec();
-    wire::fix_checksums(&mut f, &seg.net, seg.tcp_offset);
-    Some(f)
 }
