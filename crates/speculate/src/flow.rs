@@ -219,8 +219,10 @@ pub(crate) struct HyStart {
     samples: u32,
 }
 
-/// The most bytes of guest segments ahead of a hole a flow keeps.
+/// The most bytes of guest segments ahead of a hole a flow keeps, and
+/// the most segments (each insert and drain looks at all of them).
 const GUEST_STASH_BYTES: usize = 1 << 20;
+const GUEST_STASH_SEGS: usize = 64;
 /// ... and all flows together (at most a sixteenth of the global cap).
 const GUEST_STASH_GLOBAL: u64 = 64 << 20;
 
@@ -228,7 +230,12 @@ const GUEST_STASH_GLOBAL: u64 = 64 << 20;
 #[derive(Clone, Debug, Default)]
 pub(crate) struct GuestStash {
     segs: Vec<(u32, Vec<u8>, bool)>,
-    bytes: usize,
+}
+
+impl GuestStash {
+    fn bytes(&self) -> usize {
+        self.segs.iter().map(|s| s.1.len()).sum()
+    }
 }
 
 /// How far ahead of its pacing schedule a flow may send: bursts of up to
@@ -1178,28 +1185,26 @@ impl Flow {
         let st = &mut self.guest_stash.0;
         if payload.is_empty()
             || seq::gt(end, self.adv_edge)
-            || st.bytes + payload.len() > GUEST_STASH_BYTES
+            || st.segs.len() >= GUEST_STASH_SEGS
+            || st.bytes() + payload.len() > GUEST_STASH_BYTES
             || *ctx.global_stash + payload.len() as u64 > global_max
             || st.segs.iter().any(|s| s.0 == start)
         {
             return;
         }
-        st.bytes += payload.len();
         *ctx.global_stash += payload.len() as u64;
         st.segs.push((start, payload.to_vec(), fin));
     }
 
     /// Bytes of guest segments kept ahead of a hole.
     pub(crate) fn guest_stash_bytes(&self) -> u64 {
-        let st = &self.guest_stash.0;
-        debug_assert_eq!(st.bytes, st.segs.iter().map(|s| s.1.len()).sum::<usize>());
-        st.bytes as u64
+        self.guest_stash.0.bytes() as u64
     }
 
     /// Forgets the stashed guest segments (the flow ends).
     fn clear_guest_stash(&mut self, ctx: &mut Ctx<'_>) {
         let st = std::mem::take(&mut self.guest_stash.0);
-        *ctx.global_stash = ctx.global_stash.saturating_sub(st.bytes as u64);
+        *ctx.global_stash = ctx.global_stash.saturating_sub(st.bytes() as u64);
     }
 
     /// Accepts stashed segments that now continue the stream.
@@ -1208,15 +1213,13 @@ impl Flow {
             let de = self.data_end;
             let st = &mut self.guest_stash.0;
             // Wholly below data_end: already have them.
+            let before = st.bytes();
             st.segs.retain(|(s, p, _)| seq::gt(s.wrapping_add(p.len() as u32), de));
-            let kept: usize = st.segs.iter().map(|s| s.1.len()).sum();
-            *ctx.global_stash = ctx.global_stash.saturating_sub((st.bytes - kept) as u64);
-            st.bytes = kept;
+            *ctx.global_stash = ctx.global_stash.saturating_sub((before - st.bytes()) as u64);
             let Some(i) = st.segs.iter().position(|(s, _, _)| seq::le(*s, de)) else {
                 return;
             };
             let (start, payload, fin) = st.segs.swap_remove(i);
-            st.bytes -= payload.len();
             *ctx.global_stash = ctx.global_stash.saturating_sub(payload.len() as u64);
             self.accept_guest(ctx, start, &payload, fin);
             if self.data_end == de {
